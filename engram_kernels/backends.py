@@ -1,0 +1,129 @@
+"""The one place that decides which backend runs an op.
+
+Order of preference per device: cuda > triton > torch on GPUs, cpu > torch on CPUs.
+`ENGRAM_BACKEND=torch|cpu|triton|cuda` (or `use_backend(...)`) forces one; a forced backend that
+cannot run on the tensor's device falls back to the best available one with a one-line notice.
+Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when forced.
+"""
+import contextlib
+import functools
+import importlib
+import logging
+import os
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+ENV_VAR = "ENGRAM_BACKEND"
+log = logging.getLogger("engram_kernels")
+
+_forced = None
+_notified = set()
+_status = {}
+
+
+def notice(message):
+    """Log `message` once per process (a one-line notice, never an exception)."""
+    if message not in _notified:
+        _notified.add(message)
+        log.warning("engram_kernels: %s", message)
+
+
+@functools.cache
+def extension(name):
+    """Import a compiled extension (`_C_cpu`, `_C_cuda`), or None with the reason in `_status`."""
+    if name == "_C_cuda" and not torch.cuda.is_available():
+        _status[name] = "unavailable (no CUDA device)"
+        return None
+    try:
+        module = importlib.import_module(f"engram_kernels.{name}")
+    except Exception as exc:  # a missing or broken build must degrade, never raise
+        _status[name] = f"unavailable ({type(exc).__name__}: {exc})".splitlines()[0]
+        return None
+    _status[name] = "loaded"
+    return module
+
+
+def triton_available(device_type):
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return device_type in ("cuda", "cpu")
+
+
+def is_available(backend, device_type):
+    if backend == "torch":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and extension("_C_cpu") is not None
+    if backend == "cuda":
+        return device_type == "cuda" and extension("_C_cuda") is not None
+    if backend == "triton":
+        return triton_available(device_type)
+    raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+
+
+def preference(device_type):
+    return ("cuda", "triton", "torch") if device_type == "cuda" else ("cpu", "torch")
+
+
+def forced_backend():
+    name = _forced or os.environ.get(ENV_VAR) or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not a backend; choose from {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(device):
+    """Name of the backend that runs ops on `device` (a torch.device or its type string)."""
+    device_type = torch.device(device).type
+    forced = forced_backend()
+    if forced is not None:
+        if is_available(forced, device_type):
+            return forced
+        notice(f"backend {forced!r} is unavailable on {device_type}; {describe(forced)}; falling back")
+    for name in preference(device_type):
+        if is_available(name, device_type):
+            return name
+    return "torch"
+
+
+def describe(backend):
+    if backend == "cpu":
+        extension("_C_cpu")
+        return f"C++ extension {_status['_C_cpu']}"
+    if backend == "cuda":
+        extension("_C_cuda")
+        return f"CUDA extension {_status['_C_cuda']}"
+    if backend == "triton":
+        return "triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
+    return "always available"
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Force `name` for the ops run inside the block (overrides ENGRAM_BACKEND)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {BACKENDS}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def report():
+    """Backend availability per device type, for `python -m engram_kernels.backends`."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = [f"{d}: chosen={choose(d)}; " + ", ".join(
+        f"{b}={'yes' if is_available(b, d) else 'no'}" for b in BACKENDS) for d in devices]
+    lines += [f"{name}: {state}" for name, state in sorted(_status.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,125 @@
+"""Memory layers in Hugging Face causal LMs: a residual branch beside the MLP of chosen decoder layers.
+
+Works for decoder stacks whose layers call `self.mlp(hidden)` and add the result to the residual
+stream: Llama (SmolLM2), Qwen2, Qwen3, Mistral, Gemma3 (there the memory output passes through the
+post-feed-forward norm with the MLP's). Memory weights save apart from the base model as
+`memory.safetensors` + `memory_config.json`, so one base can carry many memories.
+"""
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..modules import ProductKeyMemory
+
+WEIGHTS_NAME = "memory.safetensors"
+CONFIG_NAME = "memory_config.json"
+FORMAT_VERSION = 1
+
+
+class MLPWithMemory(nn.Module):
+    """mlp(x) + memory(x): the original MLP untouched, the memory beside it."""
+
+    def __init__(self, mlp, memory):
+        super().__init__()
+        self.mlp = mlp
+        self.memory = memory
+
+    def forward(self, x, *args, **kwargs):
+        return self.mlp(x, *args, **kwargs) + self.memory(x)
+
+
+def decoder_layers(model):
+    """The ModuleList of decoder blocks (each with an `.mlp`) of a causal LM."""
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) \
+                and all(hasattr(block, "mlp") for block in module):
+            return module
+    raise ValueError(f"{type(model).__name__}: found no decoder layers with an `.mlp` to attach memory to")
+
+
+def hidden_size(model):
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    size = getattr(config, "hidden_size", None)
+    if size is None:
+        raise ValueError(f"{type(model).__name__}: config has no hidden_size; pass dim= explicitly")
+    return size
+
+
+def _resolve_layers(layers, count):
+    if layers is None:
+        layers = [count // 2]
+    layers = sorted({i + count if i < 0 else i for i in ([layers] if isinstance(layers, int) else layers)})
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad:
+        raise IndexError(f"layer indices {bad} out of range for a model with {count} decoder layers")
+    return layers
+
+
+def add_memory_layers(model, layers=None, **config):
+    """Add a ProductKeyMemory beside the MLP of each chosen decoder layer (default: the middle one).
+
+    `config` goes to ProductKeyMemory (heads, k, n_keys, key_dim, value_dim, gated, value_init,
+    sparse_grad); dim defaults to the model's hidden size, dtype and device to the MLP's. With
+    the default zero-initialized values the model's outputs are unchanged. Returns the model.
+    """
+    blocks = decoder_layers(model)
+    config.setdefault("dim", hidden_size(model))
+    for i in _resolve_layers(layers, len(blocks)):
+        block = blocks[i]
+        if isinstance(block.mlp, MLPWithMemory):
+            raise ValueError(f"decoder layer {i} already has a memory layer")
+        reference = next(block.mlp.parameters())
+        memory = ProductKeyMemory(**config, dtype=reference.dtype, device=reference.device)
+        block.mlp = MLPWithMemory(block.mlp, memory)
+    return model
+
+
+def memory_layers(model):
+    """{decoder layer index: ProductKeyMemory} for the memories in `model`."""
+    return {i: block.mlp.memory for i, block in enumerate(decoder_layers(model))
+            if isinstance(block.mlp, MLPWithMemory)}
+
+
+def memory_parameters(model):
+    return [p for memory in memory_layers(model).values() for p in memory.parameters()]
+
+
+def save_memory(model, path):
+    """Write the memory layers' weights and config into directory `path`."""
+    layers = memory_layers(model)
+    if not layers:
+        raise ValueError("model has no memory layers to save")
+    os.makedirs(path, exist_ok=True)
+    tensors = {f"layers.{i}.{name}": t.detach().contiguous().cpu()
+               for i, memory in layers.items() for name, t in memory.state_dict().items()}
+    config = {"format_version": FORMAT_VERSION,
+              "layers": {str(i): memory.config() for i, memory in layers.items()}}
+    tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", "engram_format_version": str(FORMAT_VERSION)})
+    os.replace(tmp, os.path.join(path, WEIGHTS_NAME))  # a crash never leaves a half-written file
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_memory(model, path):
+    """Load memory layers saved by save_memory, adding them to `model` where it has none."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported memory format {config.get('format_version')!r}")
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    existing = memory_layers(model)
+    for key, layer_config in config["layers"].items():
+        i = int(key)
+        if i not in existing:
+            add_memory_layers(model, layers=[i], **layer_config)
+        memory = memory_layers(model)[i]
+        if memory.config() != layer_config:
+            raise ValueError(f"layer {i}: saved memory config {layer_config} differs from the model's {memory.config()}")
+        prefix = f"layers.{i}."
+        memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    return model

@@ -1,0 +1,4 @@
+"""Drop-in torch modules over the kernels."""
+from .memory import ProductKeyMemory
+
+__all__ = ["ProductKeyMemory"]

@@ -1,0 +1,116 @@
+"""Memory layers in tiny randomly initialized Hugging Face models built from configs (no downloads)."""
+import pytest
+import torch
+import transformers
+
+from engram_kernels.integrations import add_memory_layers, load_memory, memory_layers, memory_parameters, save_memory
+from engram_kernels.optim import FusedSparseAdam
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+MEMORY = dict(heads=2, k=4, n_keys=16, key_dim=32)
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+
+
+def qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY))
+
+
+def qwen3():
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**TINY, head_dim=16))
+
+
+def gemma3():
+    config = transformers.Gemma3TextConfig(**TINY, head_dim=16, sliding_window=8)
+    return transformers.Gemma3ForCausalLM(config)
+
+
+FAMILIES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3, "gemma3": gemma3}
+
+
+def build(family):
+    torch.manual_seed(0)
+    return FAMILIES[family]().eval()
+
+
+TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adding_memory_keeps_logits_identical(family):
+    model = build(family)
+    with torch.no_grad():
+        before = model(TOKENS).logits
+        add_memory_layers(model, layers=[0, -1], **MEMORY)
+        after = model(TOKENS).logits
+    assert sorted(memory_layers(model)) == [0, 2]
+    assert torch.equal(before, after)
+
+
+def _train(model, allow, steps=4):
+    """A few steps on the memory only; returns nothing, changes model in place."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    values = [m.values for m in memory_layers(model).values()]
+    others = [p for p in memory_parameters(model) if all(p is not v for v in values)]
+    for p in memory_parameters(model):
+        p.requires_grad_(True)
+    sparse_opt = FusedSparseAdam(values, lr=1e-2)
+    for v in values:
+        sparse_opt.set_allow_mask(v, allow)
+    dense_opt = torch.optim.AdamW(others, lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        sparse_opt.step()
+        dense_opt.step()
+        sparse_opt.zero_grad()
+        dense_opt.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_training_changes_only_allowed_memory_rows_and_no_base_weight(family):
+    model = build(family)
+    base = {name: p.detach().clone() for name, p in model.named_parameters()}
+    add_memory_layers(model, layers=[1], **MEMORY)
+    memory = memory_layers(model)[1]
+    allow = torch.zeros(memory.n_slots, dtype=torch.bool)
+    allow[: memory.n_slots // 2] = True
+    _train(model, allow)
+    changed = (memory.values != 0).any(1)
+    assert changed.any(), "training did not write anything into memory"
+    assert not changed[~allow].any(), "rows outside the allow-mask changed"
+    for name, p in model.named_parameters():
+        if ".memory." not in name:
+            original = name.replace(".mlp.mlp.", ".mlp.")
+            assert torch.equal(p, base[original]), f"base parameter {name} changed"
+
+
+def test_memory_saves_and_loads_apart_from_the_base(tmp_path):
+    model = build("llama")
+    add_memory_layers(model, layers=[0, 2], **MEMORY)
+    _train(model, torch.ones(MEMORY["n_keys"] ** 2, dtype=torch.bool), steps=2)
+    with torch.no_grad():
+        expected = model(TOKENS).logits
+    save_memory(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.safetensors", "memory_config.json"]
+    fresh = build("llama")  # same seed: same base weights, no memory
+    load_memory(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(TOKENS).logits, expected)
+
+
+def test_bad_layer_choices_are_rejected():
+    model = build("llama")
+    with pytest.raises(IndexError, match=r"layer indices \[5\] out of range"):
+        add_memory_layers(model, layers=[5], **MEMORY)
+    add_memory_layers(model, layers=[0], **MEMORY)
+    with pytest.raises(ValueError, match="already has a memory layer"):
+        add_memory_layers(model, layers=[0], **MEMORY)
+    with pytest.raises(ValueError, match="found no decoder layers"):
+        add_memory_layers(torch.nn.Linear(3, 3))
