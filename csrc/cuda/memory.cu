@@ -151,7 +151,7 @@ __device__ __forceinline__ float from_orderable(uint32_t u) {
 __device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
 
 // Shared-memory words one warp uses: padded keys, then top1, top2 (float) and idx1, idx2 (int).
-int select_warp_words(int n_keys) { return n_keys + n_keys / kWarp + 1 + 4 * kMaxTopK; }
+__host__ __device__ inline int select_warp_words(int n_keys) { return n_keys + n_keys / kWarp + 1 + 4 * kMaxTopK; }
 
 struct Argmax {
   uint32_t key;

@@ -1,0 +1,84 @@
+"""Markdown tables from benchmark result files, one table per file.
+
+    python benchmarks/report.py benchmarks/results/*.json
+
+Reads the files conftest.py writes and pytest-benchmark's --benchmark-json output alike (both hold
+a "benchmarks" list with params, extra_info and stats). Speedup is the torch reference backend's
+mean time over this row's, for the same op, config and pass.
+"""
+import json
+import sys
+from pathlib import Path
+
+OPS = ("gather", "topk", "lookup", "adam_step")
+CONFIGS = ("smollm2", "large", "large4096")
+PASSES = ("fwd", "bwd", "fwd_bwd")
+BACKENDS = ("torch", "torch_best", "compiled", "cpu", "triton", "cuda")
+COLUMNS = ("op", "config", "pass", "backend", "mean ms", "GB/s", "% peak", "peak MB", "largest alloc MB",
+           "speedup vs torch")
+
+
+def order(values, value):
+    return values.index(value) if value in values else len(values)
+
+
+def row_of(bench):
+    params, info = bench.get("params") or {}, bench.get("extra_info") or {}
+    op = info.get("op") or bench["name"].split("[")[0].removeprefix("test_")
+    return {"op": op, "config": params.get("config"), "pass": params.get("pass_"),
+            "backend": params.get("backend"), "mean_s": bench["stats"]["mean"], "info": info}
+
+
+def sort_key(row):
+    return (order(OPS, row["op"]), order(CONFIGS, row["config"]), order(PASSES, row["pass"]),
+            order(BACKENDS, row["backend"]))
+
+
+def number(value, digits=1):
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
+def table(rows):
+    reference = {(r["op"], r["config"], r["pass"]): r["mean_s"] for r in rows if r["backend"] == "torch"}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in sorted(rows, key=sort_key):
+        ref = reference.get((r["op"], r["config"], r["pass"]))
+        info = r["info"]
+        cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2),
+                 number(info.get("gbps")), number(info.get("pct_peak")), number(info.get("peak_mb")),
+                 number(info.get("largest_alloc_mb")), f"{ref / r['mean_s']:.2f}x" if ref else ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def heading(data, path):
+    device = data.get("device") or data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown device")
+    git = data.get("git") or data.get("commit_info") or {}
+    commit = git.get("commit") or git.get("id") or "unknown"
+    commit = commit[:12] + (" (dirty)" if git.get("dirty") else "") if commit.isalnum() else commit
+    details = [f"torch {data['torch']}" if data.get("torch") else None,
+               f"triton {data['triton']}" if data.get("triton") else None,
+               f"peak {data['peak_gbps']:g} GB/s ({data.get('peak_gbps_source', '')})" if data.get("peak_gbps") else None,
+               f"commit {commit}", data.get("date") or data.get("datetime")]
+    return f"### {device}\n\n{Path(path).name}: " + ", ".join(d for d in details if d)
+
+
+def report(paths):
+    sections = []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows = [row_of(b) for b in data.get("benchmarks", []) if b.get("stats")]
+        sections.append(heading(data, path) + "\n\n" + (table(rows) if rows else "(no benchmarks)"))
+    return "\n\n".join(sections)
+
+
+def main(argv):
+    if not argv:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    print(report(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# GPU check, for an H100/H200 machine with no network: build the extensions in place, show the
+# backends, run the tests with the GPU backends, run the benchmarks, print the report table.
+#
+#   scripts/gpu_check.sh OUTDIR        (from the repository root)
+#
+# Finishes within about 7.5 minutes: every stage has a timeout, the benchmarks get whatever time
+# is left, and a failed stage does not stop the later ones. OUTDIR receives at most six flat files:
+# build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results,
+# written after each benchmark, so a cut-short run keeps what it measured) and report.md.
+# Exit status: non-zero when the build or the tests failed.
+set -u
+
+OUT=${1:?usage: scripts/gpu_check.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
+START=$(date +%s)
+DEADLINE=$((START + 450))
+REPORT_RESERVE=25  # seconds kept for copying results and printing the report
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( DEADLINE - $(date +%s) )); }
+stage() { echo; echo "== $1 (at $(elapsed)s)"; }
+
+stage "build: python3 setup.py build_ext --inplace (log: build.log)"
+timeout -k 10 200 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+BUILD_RC=$?
+echo "build rc=$BUILD_RC"
+grep -iE "error|warning: .*(spill|deprecated)" "$OUT/build.log" | head -n 20
+tail -n 3 "$OUT/build.log"
+
+stage "backends: python3 -m engram_kernels.backends"
+timeout -k 5 60 python3 -m engram_kernels.backends 2>&1
+
+# Tests get up to 150 s but always leave the benchmarks two minutes.
+TEST_LIMIT=$(( $(left) - REPORT_RESERVE - 120 ))
+[ "$TEST_LIMIT" -gt 150 ] && TEST_LIMIT=150
+[ "$TEST_LIMIT" -lt 30 ] && TEST_LIMIT=30
+stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest tests -x -q (limit ${TEST_LIMIT}s, log: tests.log)"
+ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest tests -x -q -p no:cacheprovider \
+  >"$OUT/tests.log" 2>&1
+TESTS_RC=$?
+echo "tests rc=$TESTS_RC"
+tail -n 25 "$OUT/tests.log"
+
+BENCH_LIMIT=$(( $(left) - REPORT_RESERVE ))
+[ "$BENCH_LIMIT" -lt 30 ] && BENCH_LIMIT=30
+stage "benchmarks: pytest benchmarks/ --benchmark-only (limit ${BENCH_LIMIT}s, log: bench.log)"
+MARKER=$(mktemp)
+# SIGINT first: pytest then ends the session normally and still writes bench.json.
+timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+  --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,stddev,rounds >"$OUT/bench.log" 2>&1
+BENCH_RC=$?
+echo "benchmarks rc=$BENCH_RC"
+grep -E "passed|failed|error|skipped|engram benchmark results" "$OUT/bench.log" | tail -n 5
+grep -E "^(FAILED|ERROR)" "$OUT/bench.log" | head -n 10
+
+stage "report"
+RESULTS=$(find benchmarks/results -name '*.json' -newer "$MARKER" | head -n 1)
+rm -f "$MARKER"
+if [ -n "$RESULTS" ]; then
+  cp "$RESULTS" "$OUT/"
+  python3 benchmarks/report.py "$OUT/$(basename "$RESULTS")" | tee "$OUT/report.md"
+else
+  echo "no results file was written (see bench.log)"
+fi
+
+echo
+echo "== done in $(elapsed)s: build rc=$BUILD_RC, tests rc=$TESTS_RC, benchmarks rc=$BENCH_RC"
+[ "$BUILD_RC" -eq 0 ] && [ "$TESTS_RC" -eq 0 ]
