@@ -25,7 +25,7 @@ def cuda_extension(cpp):
     return cpp.CUDAExtension(
         "engram_kernels._C_cuda",
         ["csrc/cuda/bindings.cpp", "csrc/cuda/memory.cu"],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
 
 

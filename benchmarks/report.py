@@ -14,8 +14,9 @@ OPS = ("gather", "topk", "lookup", "adam_step")
 CONFIGS = ("smollm2", "large", "large4096")
 PASSES = ("fwd", "bwd", "fwd_bwd")
 BACKENDS = ("torch", "torch_best", "compiled", "cpu", "triton", "cuda")
-COLUMNS = ("op", "config", "pass", "backend", "mean ms", "GB/s", "% peak", "peak MB", "largest alloc MB",
+COLUMNS = ("op", "config", "pass", "backend", "mean ms", "GB/s", "% peak", "% roofline", "peak MB", "largest alloc MB",
            "speedup vs torch")
+MEASURED = ("gbps", "pct_peak", "pct_roofline", "peak_mb", "largest_alloc_mb")  # extra_info keys
 
 
 def order(values, value):
@@ -44,9 +45,9 @@ def table(rows):
     for r in sorted(rows, key=sort_key):
         ref = reference.get((r["op"], r["config"], r["pass"]))
         info = r["info"]
-        cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2),
-                 number(info.get("gbps")), number(info.get("pct_peak")), number(info.get("peak_mb")),
-                 number(info.get("largest_alloc_mb")), f"{ref / r['mean_s']:.2f}x" if ref else ""]
+        measured = [number(info.get(key)) for key in MEASURED]
+        cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2), *measured,
+                 f"{ref / r['mean_s']:.2f}x" if ref else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -56,9 +57,10 @@ def heading(data, path):
     git = data.get("git") or data.get("commit_info") or {}
     commit = git.get("commit") or git.get("id") or "unknown"
     commit = commit[:12] + (" (dirty)" if git.get("dirty") else "") if commit.isalnum() else commit
+    peak = data.get("peak_gbps")
     details = [f"torch {data['torch']}" if data.get("torch") else None,
                f"triton {data['triton']}" if data.get("triton") else None,
-               f"peak {data['peak_gbps']:g} GB/s ({data.get('peak_gbps_source', '')})" if data.get("peak_gbps") else None,
+               f"peak {peak:g} GB/s ({data.get('peak_gbps_source', '')})" if peak else None,
                f"commit {commit}", data.get("date") or data.get("datetime")]
     return f"### {device}\n\n{Path(path).name}: " + ", ".join(d for d in details if d)
 

@@ -117,13 +117,9 @@ def use_backend(name):
 
 
 def report():
-    """Backend availability per device type, for `python -m engram_kernels.backends`."""
+    """Backend availability per device type, for `python -m engram_kernels`."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = [f"{d}: chosen={choose(d)}; " + ", ".join(
         f"{b}={'yes' if is_available(b, d) else 'no'}" for b in BACKENDS) for d in devices]
     lines += [f"{name}: {state}" for name, state in sorted(_status.items())]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(report())

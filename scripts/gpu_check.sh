@@ -8,6 +8,8 @@
 # is left, and a failed stage does not stop the later ones. OUTDIR receives at most six flat files:
 # build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results,
 # written after each benchmark, so a cut-short run keeps what it measured) and report.md.
+# ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
+# BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
 # Exit status: non-zero when the build or the tests failed.
 set -u
 
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0
 START=$(date +%s)
-DEADLINE=$((START + 450))
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-420}))
 REPORT_RESERVE=25  # seconds kept for copying results and printing the report
 
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -31,15 +33,23 @@ echo "build rc=$BUILD_RC"
 grep -iE "error|warning: .*(spill|deprecated)" "$OUT/build.log" | head -n 20
 tail -n 3 "$OUT/build.log"
 
-stage "backends: python3 -m engram_kernels.backends"
-timeout -k 5 60 python3 -m engram_kernels.backends 2>&1
+stage "backends: python3 -m engram_kernels"
+timeout -k 5 60 python3 -m engram_kernels 2>&1
+# The memory columns rely on torch.profiler seeing CUDA allocations: 4 MiB in, 4.0 out.
+timeout -k 5 60 python3 -c '
+import sys, torch
+sys.path.insert(0, "benchmarks")
+from conftest import measure_memory
+cuda = torch.device("cuda")
+print("memory probe, 4 MiB tensor (expect 4.0 / 4.0):", measure_memory(lambda: torch.empty(2**20, device=cuda), cuda))
+' 2>&1 | tail -n 3
 
 # Tests get up to 150 s but always leave the benchmarks two minutes.
 TEST_LIMIT=$(( $(left) - REPORT_RESERVE - 120 ))
 [ "$TEST_LIMIT" -gt 150 ] && TEST_LIMIT=150
 [ "$TEST_LIMIT" -lt 30 ] && TEST_LIMIT=30
-stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest tests -x -q (limit ${TEST_LIMIT}s, log: tests.log)"
-ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest tests -x -q -p no:cacheprovider \
+stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest tests --maxfail=20 -q (limit ${TEST_LIMIT}s, log: tests.log)"
+ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest tests --maxfail=20 -q -p no:cacheprovider \
   >"$OUT/tests.log" 2>&1
 TESTS_RC=$?
 echo "tests rc=$TESTS_RC"
@@ -49,9 +59,11 @@ BENCH_LIMIT=$(( $(left) - REPORT_RESERVE ))
 [ "$BENCH_LIMIT" -lt 30 ] && BENCH_LIMIT=30
 stage "benchmarks: pytest benchmarks/ --benchmark-only (limit ${BENCH_LIMIT}s, log: bench.log)"
 MARKER=$(mktemp)
+SELECT=()
+[ -n "${BENCH_K:-}" ] && SELECT=(-k "$BENCH_K")
 # SIGINT first: pytest then ends the session normally and still writes bench.json.
 timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-  --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,stddev,rounds >"$OUT/bench.log" 2>&1
+  --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,stddev,rounds "${SELECT[@]}" >"$OUT/bench.log" 2>&1
 BENCH_RC=$?
 echo "benchmarks rc=$BENCH_RC"
 grep -E "passed|failed|error|skipped|engram benchmark results" "$OUT/bench.log" | tail -n 5

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 namespace {
@@ -67,17 +69,32 @@ struct TopK {
   }
 };
 
+// Top k of one row, descending, ties to the lower index: a threshold by nth_element (linear time),
+// then a sort of the k survivors. `scratch` holds n floats.
+void row_topk(const float* row, int64_t n, int64_t k, float* val, int64_t* idx, float* scratch) {
+  std::copy(row, row + n, scratch);
+  std::nth_element(scratch, scratch + k - 1, scratch + n, std::greater<float>());
+  const float threshold = scratch[k - 1];
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) above += row[i] > threshold;
+  int64_t count = 0, ties_left = k - above;
+  for (int64_t i = 0; i < n && count < k; ++i)
+    if (row[i] > threshold || (row[i] == threshold && ties_left-- > 0)) idx[count++] = i;
+  std::sort(idx, idx + k, [row](int64_t a, int64_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+  for (int64_t i = 0; i < k; ++i) val[i] = row[idx[i]];
+}
+
 void select_row(const float* s1, const float* s2, int64_t n_keys, int64_t k, float* out_scores,
-                int64_t* out_ids, float* buf_val, int64_t* buf_idx) {
-  TopK t1{k, 0, buf_val, buf_idx}, t2{k, 0, buf_val + k, buf_idx + k};
-  for (int64_t i = 0; i < n_keys; ++i) t1.push(s1[i], i);
-  for (int64_t i = 0; i < n_keys; ++i) t2.push(s2[i], i);
+                int64_t* out_ids, float* buf_val, int64_t* buf_idx, float* scratch) {
+  float *v1 = buf_val, *v2 = buf_val + k;
+  int64_t *i1 = buf_idx, *i2 = buf_idx + k;
+  row_topk(s1, n_keys, k, v1, i1, scratch);
+  row_topk(s2, n_keys, k, v2, i2, scratch);
   // Both halves are sorted: pair (a, b) is beaten by the (a+1)(b+1)-1 pairs (a'<=a, b'<=b), so
   // only pairs with (a+1)(b+1) <= k can be in the top k.
   TopK best{k, 0, out_scores, out_ids};
   for (int64_t a = 0; a < k; ++a)
-    for (int64_t b = 0; (a + 1) * (b + 1) <= k; ++b)
-      best.push(t1.val[a] + t2.val[b], t1.idx[a] * n_keys + t2.idx[b]);
+    for (int64_t b = 0; (a + 1) * (b + 1) <= k; ++b) best.push(v1[a] + v2[b], i1[a] * n_keys + i2[b]);
 }
 
 std::vector<torch::Tensor> pk_select(torch::Tensor s1, torch::Tensor s2, int64_t k) {
@@ -91,10 +108,11 @@ std::vector<torch::Tensor> pk_select(torch::Tensor s1, torch::Tensor s2, int64_t
   float* ps = scores.data_ptr<float>();
   int64_t* pi = ids.data_ptr<int64_t>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> val(2 * k);
+    std::vector<float> val(2 * k), scratch(n_keys);
     std::vector<int64_t> idx(2 * k);
     for (int64_t r = begin; r < end; ++r)
-      select_row(p1 + r * n_keys, p2 + r * n_keys, n_keys, k, ps + r * k, pi + r * k, val.data(), idx.data());
+      select_row(p1 + r * n_keys, p2 + r * n_keys, n_keys, k, ps + r * k, pi + r * k, val.data(), idx.data(),
+                 scratch.data());
   });
   return {scores, ids};
 }

@@ -8,6 +8,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cub/cub.cuh>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -58,26 +61,11 @@ __device__ __forceinline__ void fma_pack(float (&acc)[N], const Pack<T, N>& p, f
   for (int i = 0; i < N; ++i) acc[i] = fmaf(w, static_cast<float>(p.v[i]), acc[i]);
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x += __shfl_xor_sync(kFullMask, x, offset);
-  return x;
-}
-
 __device__ __forceinline__ uint32_t warp_max_u32(uint32_t x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   return __reduce_max_sync(kFullMask, x);
 #else
   for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = max(x, __shfl_xor_sync(kFullMask, x, offset));
-  return x;
-#endif
-}
-
-__device__ __forceinline__ uint32_t warp_min_u32(uint32_t x) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  return __reduce_min_sync(kFullMask, x);
-#else
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) x = min(x, __shfl_xor_sync(kFullMask, x, offset));
   return x;
 #endif
 }
@@ -126,16 +114,18 @@ void check_same_device(const Tensor& a, const Tensor& b, const char* name) {
 
 // ---- product-key selection ---------------------------------------------------------------------
 //
-// One warp per (n, h) row. Each half's scores sit in shared memory as order-preserving uint32
-// keys, split into 32 interleaved chunks (element i in chunk i % 32); lane c caches chunk c's
-// maximum. Each of the k rounds takes the warp maximum, removes it, and the whole warp rescans
-// only that chunk. A padding word every 32 elements keeps both access patterns bank-conflict free.
-// Ties go to the lowest index. The k x k candidate sums are then merged as k sorted rows.
+// One warp per (n, h) row. Scores become order-preserving uint32 keys; lane l owns the elements
+// l, l + 32, ... of a half and caches its best kLaneList of them, sorted, in registers. Each of the
+// k rounds is one warp max-reduction plus a ballot: the lowest lane holding the maximum records it
+// and pops it; a lane that has popped its whole list refills it by rescanning its elements after
+// the last one popped (rare). The k x k candidate sums are then merged as k sorted rows the same
+// way. Order within a lane is (key descending, index ascending) and ties across lanes go to the
+// lowest lane, so results are deterministic (torch.topk leaves tie order unspecified).
 
 constexpr int kMaxTopK = 64;
-constexpr int kMaxSubKeys = 8192;
+constexpr int kMaxSubKeys = 1 << 16;
 constexpr int kSelectWarps = 4;
-constexpr int kSelectSmemBytes = 48 * 1024;
+constexpr int kLaneList = 4;
 constexpr uint32_t kRemoved = 0;  // no float maps to 0: NaNs map to the maximum below
 
 __device__ __forceinline__ uint32_t orderable(float x) {
@@ -148,99 +138,110 @@ __device__ __forceinline__ float from_orderable(uint32_t u) {
   return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
 }
 
-__device__ __forceinline__ int padded(int i) { return i + (i >> 5); }
+// The lowest lane holding the warp-wide maximum of `key`, and that maximum.
+__device__ __forceinline__ int warp_argmax_lane(uint32_t key, uint32_t& top) {
+  top = warp_max_u32(key);
+  return __ffs(__ballot_sync(kFullMask, key == top)) - 1;
+}
 
-// Shared-memory words one warp uses: padded keys, then top1, top2 (float) and idx1, idx2 (int).
-__host__ __device__ inline int select_warp_words(int n_keys) { return n_keys + n_keys / kWarp + 1 + 4 * kMaxTopK; }
-
-struct Argmax {
-  uint32_t key;
-  uint32_t idx;
+// A lane's best remaining keys, descending; empty slots hold kRemoved.
+struct LaneList {
+  uint32_t key[kLaneList];
+  int at[kLaneList];
 };
 
-// Warp-wide maximum key; the lowest idx among the lanes holding it.
-__device__ __forceinline__ Argmax warp_argmax(uint32_t key, uint32_t idx) {
-  const uint32_t best = warp_max_u32(key);
-  return {best, warp_min_u32(key == best ? idx : 0xffffffffu)};
-}
-
-// Maximum of chunk `chunk` (elements chunk + 32 t), scanned by the whole warp.
-__device__ Argmax chunk_argmax(const uint32_t* keys, int n, int chunk, int lane) {
-  uint32_t best = kRemoved, at = 0xffffffffu;
-  for (int i = chunk + kWarp * lane; i < n; i += kWarp * kWarp) {
-    const uint32_t key = keys[padded(i)];
-    if (key > best) best = key, at = i;
+// Inserts an element that ranks after every held element of an equal key (scans run in index order).
+__device__ __forceinline__ void insert(LaneList& list, uint32_t key, int at) {
+#pragma unroll
+  for (int s = kLaneList - 1; s > 0; --s) {
+    if (key > list.key[s - 1]) {
+      list.key[s] = list.key[s - 1], list.at[s] = list.at[s - 1];
+    } else if (key > list.key[s]) {
+      list.key[s] = key, list.at[s] = at;
+    }
   }
-  return warp_argmax(best, at);
+  if (key > list.key[0]) list.key[0] = key, list.at[0] = at;
 }
 
-__device__ void load_keys(uint32_t* keys, const float* __restrict__ scores, int n, int lane) {
-  for (int i = lane; i < n; i += kWarp) keys[padded(i)] = orderable(scores[i]);
-  __syncwarp();
-}
-
-// Top-k of keys[0, n), descending; lane 0 writes values and indices. Consumes the keys.
-__device__ void warp_topk(uint32_t* keys, int n, int k, float* top_val, int* top_idx, int lane) {
-  uint32_t best = kRemoved, at = 0xffffffffu;  // this lane's chunk maximum
+// Fills `list` with the best of this lane's elements ranking after (cut_key, cut_at).
+__device__ void fill_lane_list(LaneList& list, const float* __restrict__ scores, int n, int lane, uint32_t cut_key,
+                               int cut_at) {
+#pragma unroll
+  for (int s = 0; s < kLaneList; ++s) list.key[s] = kRemoved, list.at[s] = 0;
+#pragma unroll 4
   for (int i = lane; i < n; i += kWarp) {
-    const uint32_t key = keys[padded(i)];
-    if (key > best) best = key, at = i;
+    const uint32_t key = orderable(__ldg(scores + i));
+    const bool after_cut = key < cut_key || (key == cut_key && i > cut_at);
+    if (after_cut && key > list.key[kLaneList - 1]) insert(list, key, i);
   }
+}
+
+// Top-k of one half's scores[0, n), descending, into top_val / top_idx (shared memory).
+__device__ void warp_topk(const float* __restrict__ scores, int n, int k, float* top_val, int* top_idx, int lane) {
+  LaneList list;
+  fill_lane_list(list, scores, n, lane, 0xffffffffu, -1);
+  int unpopped = kLaneList;
   for (int r = 0; r < k; ++r) {
-    const Argmax win = warp_argmax(best, at);
-    const int chunk = static_cast<int>(win.idx % kWarp);
-    if (lane == 0) top_val[r] = from_orderable(win.key), top_idx[r] = static_cast<int>(win.idx);
-    if (r + 1 == k) break;
-    if (lane == chunk) keys[padded(win.idx)] = kRemoved;
-    __syncwarp();
-    const Argmax next = chunk_argmax(keys, n, chunk, lane);
-    if (lane == chunk) best = next.key, at = next.idx;
+    uint32_t top;
+    const int winner = warp_argmax_lane(list.key[0], top);
+    if (lane == winner) {
+      const int at = list.at[0];
+      top_val[r] = from_orderable(top);
+      top_idx[r] = at;
+#pragma unroll
+      for (int s = 0; s + 1 < kLaneList; ++s) list.key[s] = list.key[s + 1], list.at[s] = list.at[s + 1];
+      list.key[kLaneList - 1] = kRemoved;
+      if (--unpopped == 0 && r + 1 < k) {
+        fill_lane_list(list, scores, n, lane, top, at);
+        unpopped = kLaneList;
+      }
+    }
   }
   __syncwarp();
 }
 
-// Top-k of top1[a] + top2[b] over a, b < k: rows a are sorted (top2 is), so this is a k-way merge
-// with lane l owning rows l and l + 32. Ties go to the lowest a * k + b, as a flat top-k would.
+__device__ __forceinline__ uint32_t pair_key(const float* top1, const float* top2, int a, int b, int k) {
+  return (a < k && b < k) ? orderable(top1[a] + top2[b]) : kRemoved;
+}
+
+// Top-k of top1[a] + top2[b] over a, b < k: each row a is sorted (top2 is), so this is a k-way
+// merge with lane l owning rows l and l + 32. The sum is the one naive.py forms, bit for bit.
 __device__ void warp_merge_pairs(const float* top1, const float* top2, const int* idx1, const int* idx2, int k,
                                  int64_t n_keys, int lane, float* __restrict__ scores, int64_t* __restrict__ ids) {
   const int a0 = lane, a1 = lane + kWarp;
   int b0 = 0, b1 = 0;  // next column of rows a0 and a1
+  uint32_t key0 = pair_key(top1, top2, a0, b0, k), key1 = pair_key(top1, top2, a1, b1, k);
   for (int r = 0; r < k; ++r) {
-    const uint32_t key0 = (a0 < k && b0 < k) ? orderable(top1[a0] + top2[b0]) : kRemoved;
-    const uint32_t key1 = (a1 < k && b1 < k) ? orderable(top1[a1] + top2[b1]) : kRemoved;
-    const bool second = key1 > key0;
-    const Argmax win = warp_argmax(second ? key1 : key0,
-                                   second ? static_cast<uint32_t>(a1 * k + b1) : static_cast<uint32_t>(a0 * k + b0));
-    const int a = static_cast<int>(win.idx) / k, b = static_cast<int>(win.idx) % k;
-    if (lane == 0) {
-      scores[r] = from_orderable(win.key);
+    uint32_t top;
+    const int winner = warp_argmax_lane(max(key0, key1), top);
+    if (lane == winner) {
+      const bool first = key0 == top;
+      const int a = first ? a0 : a1, b = first ? b0 : b1;
+      scores[r] = from_orderable(top);
       ids[r] = static_cast<int64_t>(idx1[a]) * n_keys + idx2[b];
+      if (first) {
+        key0 = pair_key(top1, top2, a0, ++b0, k);
+      } else {
+        key1 = pair_key(top1, top2, a1, ++b1, k);
+      }
     }
-    if (a == a0) ++b0;
-    if (a == a1) ++b1;
   }
 }
 
 __global__ void pk_select_kernel(const float* __restrict__ s1, const float* __restrict__ s2, int64_t stride_n,
                                  int64_t stride_h, int64_t heads, int64_t rows, int n_keys, int k,
                                  float* __restrict__ scores, int64_t* __restrict__ ids) {
-  extern __shared__ uint32_t select_smem[];
+  __shared__ float top1[kSelectWarps][kMaxTopK], top2[kSelectWarps][kMaxTopK];
+  __shared__ int idx1[kSelectWarps][kMaxTopK], idx2[kSelectWarps][kMaxTopK];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSelectWarps + warp;
   if (row >= rows) return;  // whole warps only: the kernel has no block-wide barrier
-
-  uint32_t* keys = select_smem + static_cast<int64_t>(warp) * select_warp_words(n_keys);
-  float* top1 = reinterpret_cast<float*>(keys + n_keys + n_keys / kWarp + 1);
-  float* top2 = top1 + kMaxTopK;
-  int* idx1 = reinterpret_cast<int*>(top2 + kMaxTopK);
-  int* idx2 = idx1 + kMaxTopK;
   const int64_t offset = (row / heads) * stride_n + (row % heads) * stride_h;
 
-  load_keys(keys, s1 + offset, n_keys, lane);
-  warp_topk(keys, n_keys, k, top1, idx1, lane);
-  load_keys(keys, s2 + offset, n_keys, lane);
-  warp_topk(keys, n_keys, k, top2, idx2, lane);
-  warp_merge_pairs(top1, top2, idx1, idx2, k, n_keys, lane, scores + row * k, ids + row * k);
+  warp_topk(s1 + offset, n_keys, k, top1[warp], idx1[warp], lane);
+  warp_topk(s2 + offset, n_keys, k, top2[warp], idx2[warp], lane);
+  warp_merge_pairs(top1[warp], top2[warp], idx1[warp], idx2[warp], k, n_keys, lane, scores + row * k,
+                   ids + row * k);
 }
 
 // ---- weighted gather (forward) -----------------------------------------------------------------
@@ -299,60 +300,118 @@ void launch_weighted_gather(const Tensor& values, const Tensor& ids, const Tenso
 }
 
 // ---- weighted gather (backward) ----------------------------------------------------------------
+//
+// grad_weights: one block per token, laid out as the forward (thread = pack column, kGatherUnroll
+// rows in flight); each thread forms partial dot products for kGatherUnroll lookups at once, a
+// butterfly sums them over the warp, and shared memory sums the warps.
+// row_grads: the flat ids are radix-sorted on their significant bits only (stable, so each
+// unique id's lookups stay in position order), and one warp per unique id sums its segment in
+// that fixed order: deterministic, no atomics.
 
 constexpr int kBackwardWarps = 8;
-constexpr int kPacksPerLane = 4;  // pack columns a lane holds per pass over a row
+constexpr int kPacksPerLane = 4;  // pack columns a lane holds per pass over a segment
+constexpr int kMaxBlockWarps = kMaxThreads / kWarp;
 
-// grad_weights[n, j] = <values[ids[n, j]], grad_out[n]>: one warp per (n, j).
+// Sums v[u] over the warp for each u < 8 with 9 shuffles; lane l ends with the sum of v[(l >> 2) & 7].
+__device__ __forceinline__ float warp_sum8(float (&v)[8], int lane) {
+#pragma unroll
+  for (int width = 4, offset = 16; width >= 1; width >>= 1, offset >>= 1) {
+    const bool upper = lane & offset;
+#pragma unroll
+    for (int i = 0; i < width; ++i) {
+      const float keep = upper ? v[i + width] : v[i];
+      const float send = upper ? v[i] : v[i + width];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, offset);
+    }
+  }
+  float x = v[0];
+  x += __shfl_xor_sync(kFullMask, x, 2);
+  x += __shfl_xor_sync(kFullMask, x, 1);
+  return x;
+}
+
+// Adds this thread's share of <values[ids[u]], grad> to dots[u] for the u < valid lookups of a batch.
+template <typename T, typename G, int N, bool kFullBatch>
+__device__ __forceinline__ void batch_dots(const T* __restrict__ values, const int64_t* ids, int valid,
+                                           const G* __restrict__ grad, int64_t packs, int64_t dv,
+                                           float (&dots)[kGatherUnroll]) {
+  for (int64_t col = threadIdx.x; col < packs; col += blockDim.x) {
+    const Pack<G, N> g = load_pack<G, N>(grad + col * N);
+    Pack<T, N> p[kGatherUnroll];
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (kFullBatch || u < valid) p[u] = load_pack<T, N>(values + ids[u] * dv + col * N);
+    }
+    float gf[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) gf[i] = static_cast<float>(g.v[i]);
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      if (kFullBatch || u < valid) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) dots[u] = fmaf(static_cast<float>(p[u].v[i]), gf[i], dots[u]);
+      }
+    }
+  }
+}
+
 template <typename T, typename G, int N>
 __global__ void gather_grad_weights_kernel(const T* __restrict__ values, const int64_t* __restrict__ ids,
                                            const G* __restrict__ grad_out, float* __restrict__ grad_weights,
-                                           int64_t items, int64_t L, int64_t dv) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
-  if (item >= items) return;
-  const int64_t packs = dv / N;
-  const T* row = values + ids[item] * dv;
-  const G* grad = grad_out + (item / L) * dv;
-  float dot = 0.f;
-  for (int64_t c0 = lane; c0 < packs; c0 += kWarp * kPacksPerLane) {
-    Pack<T, N> v[kPacksPerLane];
-    Pack<G, N> g[kPacksPerLane];
-#pragma unroll
-    for (int q = 0; q < kPacksPerLane; ++q) {
-      const int64_t c = c0 + q * kWarp;
-      if (c < packs) v[q] = load_pack<T, N>(row + c * N), g[q] = load_pack<G, N>(grad + c * N);
+                                           int64_t L, int64_t dv) {
+  static_assert(kGatherUnroll == 8, "warp_sum8 reduces 8 partial sums");
+  __shared__ int64_t chunk_ids[kIdChunk];
+  __shared__ float warp_dots[kIdChunk][kMaxBlockWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  const int64_t n = blockIdx.x, packs = dv / N;
+  const G* grad = grad_out + n * dv;
+  for (int64_t j0 = 0; j0 < L; j0 += kIdChunk) {
+    const int count = L - j0 < kIdChunk ? static_cast<int>(L - j0) : kIdChunk;
+    for (int t = threadIdx.x; t < count; t += blockDim.x) chunk_ids[t] = ids[n * L + j0 + t];
+    __syncthreads();
+    for (int jb = 0; jb < count; jb += kGatherUnroll) {
+      float dots[kGatherUnroll] = {};
+      const int valid = count - jb;
+      if (valid >= kGatherUnroll) {
+        batch_dots<T, G, N, true>(values, chunk_ids + jb, valid, grad, packs, dv, dots);
+      } else {
+        batch_dots<T, G, N, false>(values, chunk_ids + jb, valid, grad, packs, dv, dots);
+      }
+      const float dot = warp_sum8(dots, lane);
+      const int u = (lane >> 2) & 7;
+      if ((lane & 3) == 0 && u < valid) warp_dots[jb + u][warp] = dot;
     }
-#pragma unroll
-    for (int q = 0; q < kPacksPerLane; ++q) {
-      if (c0 + q * kWarp >= packs) break;
-#pragma unroll
-      for (int i = 0; i < N; ++i) dot = fmaf(static_cast<float>(v[q].v[i]), static_cast<float>(g[q].v[i]), dot);
+    __syncthreads();
+    for (int t = threadIdx.x; t < count; t += blockDim.x) {
+      float dot = 0.f;
+      for (int w = 0; w < warps; ++w) dot += warp_dots[t][w];
+      grad_weights[n * L + j0 + t] = dot;
     }
+    __syncthreads();  // chunk_ids and warp_dots are reused by the next chunk
   }
-  dot = warp_sum(dot);
-  if (lane == 0) grad_weights[item] = dot;
 }
 
 // row_grads[u] = sum over the sorted positions p in segment u of weights[e] * grad_out[e / L],
-// e = order[p]: one warp per unique row, summing in a fixed order (deterministic, no atomics).
+// e = order[p]; rows[u] = the segment's id. One warp per segment.
 template <typename G, typename T, int N>
-__global__ void segment_row_grads_kernel(const int64_t* __restrict__ order, const int64_t* __restrict__ segment_end,
-                                         int64_t segments, const float* __restrict__ weights,
-                                         const G* __restrict__ grad_out, T* __restrict__ row_grads, int64_t L,
+__global__ void segment_row_grads_kernel(const int32_t* __restrict__ order, const int32_t* __restrict__ segment_end,
+                                         const int32_t* __restrict__ unique_ids, int32_t segments,
+                                         const float* __restrict__ weights, const G* __restrict__ grad_out,
+                                         int64_t* __restrict__ rows, T* __restrict__ row_grads, int32_t L,
                                          int64_t dv) {
   const int lane = threadIdx.x % kWarp;
   const int64_t seg = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (seg >= segments) return;
-  const int64_t begin = seg == 0 ? 0 : segment_end[seg - 1], end = segment_end[seg];
+  if (lane == 0) rows[seg] = unique_ids[seg];
+  const int32_t begin = seg == 0 ? 0 : segment_end[seg - 1], end = segment_end[seg];
   const int64_t packs = dv / N;
   for (int64_t c0 = lane; c0 < packs; c0 += kWarp * kPacksPerLane) {
     float acc[kPacksPerLane][N] = {};
 #pragma unroll 4
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t e = order[p];
+    for (int32_t p = begin; p < end; ++p) {
+      const int32_t e = order[p];
       const float w = weights[e];
-      const G* grad = grad_out + (e / L) * dv;
+      const G* grad = grad_out + static_cast<int64_t>(e / L) * dv;
 #pragma unroll
       for (int q = 0; q < kPacksPerLane; ++q) {
         const int64_t c = c0 + q * kWarp;
@@ -368,32 +427,97 @@ __global__ void segment_row_grads_kernel(const int64_t* __restrict__ order, cons
 }
 
 template <typename T, typename G, int N>
-void launch_gather_backward(const Tensor& values, const Tensor& ids, const Tensor& grad_out,
-                            const Tensor& weights, const Tensor& order, const Tensor& segment_end,
-                            Tensor& grad_weights, Tensor& row_grads) {
-  const int64_t items = ids.numel(), L = ids.size(1), dv = values.size(1), segments = segment_end.numel();
-  const int threads = kBackwardWarps * kWarp;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  gather_grad_weights_kernel<T, G, N><<<grid_size(ceil_div(items, kBackwardWarps)), threads, 0, stream>>>(
-      values.data_ptr<T>(), ids.data_ptr<int64_t>(), grad_out.data_ptr<G>(), grad_weights.data_ptr<float>(), items,
-      L, dv);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (segments == 0) return;
-  segment_row_grads_kernel<G, T, N><<<grid_size(ceil_div(segments, kBackwardWarps)), threads, 0, stream>>>(
-      order.data_ptr<int64_t>(), segment_end.data_ptr<int64_t>(), segments, weights.data_ptr<float>(),
-      grad_out.data_ptr<G>(), row_grads.data_ptr<T>(), L, dv);
+void launch_grad_weights(const Tensor& values, const Tensor& ids, const Tensor& grad_out, Tensor& grad_weights) {
+  const int64_t tokens = ids.size(0), L = ids.size(1), dv = values.size(1);
+  gather_grad_weights_kernel<T, G, N><<<grid_size(tokens), column_threads(dv / N), 0,
+                                        c10::cuda::getCurrentCUDAStream()>>>(
+      values.data_ptr<T>(), ids.data_ptr<int64_t>(), grad_out.data_ptr<G>(), grad_weights.data_ptr<float>(), L, dv);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Sorted unique ids, the stable sort order of the flat ids, and each unique id's segment end.
-std::tuple<Tensor, Tensor, Tensor> group_ids(const Tensor& ids, int64_t n_slots) {
-  Tensor flat = ids.reshape({-1});
-  // 32-bit keys halve the radix sort's passes.
-  if (n_slots <= std::numeric_limits<int32_t>::max()) flat = flat.to(at::kInt);
-  Tensor sorted, order, rows, inverse, counts;
-  std::tie(sorted, order) = at::sort(flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  std::tie(rows, inverse, counts) = at::unique_consecutive(sorted, /*return_inverse=*/false, /*return_counts=*/true);
-  return {rows.to(at::kLong), order.contiguous(), counts.cumsum(0)};
+// Lookups grouped by id: the unique ids (sorted), the lookup positions in id order (stable), and
+// each unique id's segment end in that order. All int32; syncs once to learn the unique count.
+struct IdGroups {
+  Tensor unique_ids, order, segment_end;
+};
+
+IdGroups group_ids(const Tensor& ids, int64_t n_slots) {
+  const int64_t items = ids.numel();
+  TORCH_CHECK(items < std::numeric_limits<int32_t>::max() && n_slots <= std::numeric_limits<int32_t>::max(),
+              "engram: weighted_gather_backward supports < 2^31 lookups and slots");
+  const auto int_opts = ids.options().dtype(at::kInt);
+  const Tensor keys = ids.reshape({-1}).to(at::kInt);
+  const Tensor positions = at::arange(items, int_opts);
+  Tensor sorted_keys = at::empty({items}, int_opts), order = at::empty({items}, int_opts);
+  Tensor unique_ids = at::empty({items}, int_opts), counts = at::empty({items}, int_opts);
+  Tensor n_unique = at::empty({1}, int_opts);
+  const int n = static_cast<int>(items);
+  int end_bit = 1;  // radix-sort only the bits an id can have
+  while (end_bit < 31 && (int64_t{1} << end_bit) < n_slots) ++end_bit;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  size_t sort_bytes = 0, encode_bytes = 0, scan_bytes = 0;
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys.data_ptr<int32_t>(),
+                                                 sorted_keys.data_ptr<int32_t>(), positions.data_ptr<int32_t>(),
+                                                 order.data_ptr<int32_t>(), n, 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(nullptr, encode_bytes, sorted_keys.data_ptr<int32_t>(),
+                                                    unique_ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                                    n_unique.data_ptr<int32_t>(), n, stream));
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, counts.data_ptr<int32_t>(),
+                                               counts.data_ptr<int32_t>(), n, stream));
+  Tensor temp = at::empty({static_cast<int64_t>(std::max({sort_bytes, encode_bytes, scan_bytes, size_t{1}}))},
+                          ids.options().dtype(at::kByte));
+  void* temp_ptr = temp.data_ptr();
+
+  C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp_ptr, sort_bytes, keys.data_ptr<int32_t>(),
+                                                 sorted_keys.data_ptr<int32_t>(), positions.data_ptr<int32_t>(),
+                                                 order.data_ptr<int32_t>(), n, 0, end_bit, stream));
+  C10_CUDA_CHECK(cub::DeviceRunLengthEncode::Encode(temp_ptr, encode_bytes, sorted_keys.data_ptr<int32_t>(),
+                                                    unique_ids.data_ptr<int32_t>(), counts.data_ptr<int32_t>(),
+                                                    n_unique.data_ptr<int32_t>(), n, stream));
+  const int unique = n_unique.item<int32_t>();  // the one host sync: output sizes depend on it
+  Tensor segment_end = at::empty({unique}, int_opts);
+  C10_CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp_ptr, scan_bytes, counts.data_ptr<int32_t>(),
+                                               segment_end.data_ptr<int32_t>(), unique, stream));
+  return {unique_ids.narrow(0, 0, unique), order, segment_end};
+}
+
+template <typename T, typename G, int N>
+void launch_row_grads(const IdGroups& groups, const Tensor& weights, const Tensor& grad_out, int64_t L,
+                      Tensor& rows, Tensor& row_grads) {
+  const int64_t segments = groups.segment_end.numel(), dv = row_grads.size(1);
+  segment_row_grads_kernel<G, T, N><<<grid_size(ceil_div(segments, kBackwardWarps)), kBackwardWarps * kWarp, 0,
+                                      c10::cuda::getCurrentCUDAStream()>>>(
+      groups.order.data_ptr<int32_t>(), groups.segment_end.data_ptr<int32_t>(),
+      groups.unique_ids.data_ptr<int32_t>(), static_cast<int32_t>(segments), weights.data_ptr<float>(),
+      grad_out.data_ptr<G>(), rows.data_ptr<int64_t>(), row_grads.data_ptr<T>(), static_cast<int32_t>(L), dv);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls launch(T{}, G{}, std::integral_constant<int, N>{}): T the values dtype, G the grad_out
+// dtype (values' own, or float), N the 16-byte pack width of T when all rows allow it, else 1.
+template <typename Launch>
+void dispatch_gather_backward(const Tensor& values, const Tensor& grad_out, std::initializer_list<const Tensor*> rowwise,
+                              const Launch& launch) {
+  ENGRAM_DISPATCH_FLOATS(values.scalar_type(), "engram_weighted_gather_backward", [&] {
+    using T = scalar_t;
+    constexpr int N = static_cast<int>(kPackBytes / sizeof(T));
+    auto with_grad_type = [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      bool packed = values.size(1) % N == 0 && aligned(grad_out, sizeof(G) * N);
+      for (const Tensor* t : rowwise) packed = packed && aligned(*t, kPackBytes);
+      if (packed) {
+        launch(T{}, grad_tag, std::integral_constant<int, N>{});
+      } else {
+        launch(T{}, grad_tag, std::integral_constant<int, 1>{});
+      }
+    };
+    if (grad_out.scalar_type() == values.scalar_type()) {
+      with_grad_type(T{});
+    } else {
+      with_grad_type(float{});
+    }
+  });
 }
 
 // ---- sparse optimizer steps --------------------------------------------------------------------
@@ -548,9 +672,7 @@ std::tuple<Tensor, Tensor> pk_select(const Tensor& s1, const Tensor& s2, int64_t
   auto ids = at::empty({tokens, heads, k}, s1.options().dtype(at::kLong));
   const int64_t rows = tokens * heads;
   if (rows == 0) return {scores, ids};
-  const int64_t warp_bytes = select_warp_words(static_cast<int>(n_keys)) * sizeof(uint32_t);
-  const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kSelectWarps, kSelectSmemBytes / warp_bytes)));
-  pk_select_kernel<<<grid_size(ceil_div(rows, warps)), warps * kWarp, warps * warp_bytes,
+  pk_select_kernel<<<grid_size(ceil_div(rows, kSelectWarps)), kSelectWarps * kWarp, 0,
                      c10::cuda::getCurrentCUDAStream()>>>(
       s1.data_ptr<float>(), s2.data_ptr<float>(), s1.stride(0), s1.stride(1), heads, rows,
       static_cast<int>(n_keys), static_cast<int>(k), scores.data_ptr<float>(), ids.data_ptr<int64_t>());
@@ -602,40 +724,34 @@ std::tuple<Tensor, Tensor, Tensor> weighted_gather_backward(const Tensor& grad_o
               "engram: grad_out must have shape (N, Dv)");
 
   c10::cuda::CUDAGuard guard(values.device());
-  const int64_t dv = values.size(1);
+  const int64_t dv = values.size(1), L = ids.size(1);
   // A grad_out in another dtype is read as exact fp32, so no precision is lost on the way.
   const Tensor grad_out =
       grad_out_in.scalar_type() == values.scalar_type() ? grad_out_in : grad_out_in.to(at::kFloat);
-  auto grad_weights = at::empty(ids.sizes(), weights.options().dtype(at::kFloat));
+  Tensor grad_weights = at::zeros(ids.sizes(), weights.options().dtype(at::kFloat));
   if (ids.numel() == 0) {
     return {grad_weights.to(weights.scalar_type()), at::empty({0}, ids.options()),
             at::empty({0, dv}, values.options())};
   }
-  Tensor rows, order, segment_end;
-  std::tie(rows, order, segment_end) = group_ids(ids, values.size(0));
-  auto row_grads = at::empty({rows.size(0), dv}, values.options());
-  if (dv == 0) return {grad_weights.zero_().to(weights.scalar_type()), rows, row_grads};
-  const Tensor w = weights.to(at::kFloat).contiguous();
-
-  ENGRAM_DISPATCH_FLOATS(values.scalar_type(), "engram_weighted_gather_backward", [&] {
-    using T = scalar_t;
-    constexpr int N = static_cast<int>(kPackBytes / sizeof(T));
-    auto run = [&](auto grad_tag) {
-      using G = decltype(grad_tag);
-      const bool packed = pack_width<T>(dv, {&values, &row_grads}) > 1 && dv % N == 0 &&
-                          aligned(grad_out, sizeof(G) * N);
-      if (packed) {
-        launch_gather_backward<T, G, N>(values, ids, grad_out, w, order, segment_end, grad_weights, row_grads);
-      } else {
-        launch_gather_backward<T, G, 1>(values, ids, grad_out, w, order, segment_end, grad_weights, row_grads);
-      }
-    };
-    if (grad_out.scalar_type() == values.scalar_type()) {
-      run(T{});
-    } else {
-      run(float{});
-    }
-  });
+  if (dv > 0) {  // launched first: it runs while the host waits on the unique count below
+    dispatch_gather_backward(values, grad_out, {&values}, [&](auto t_tag, auto g_tag, auto width) {
+      launch_grad_weights<decltype(t_tag), decltype(g_tag), decltype(width)::value>(values, ids, grad_out,
+                                                                                    grad_weights);
+    });
+  }
+  const IdGroups groups = group_ids(ids, values.size(0));
+  const int64_t unique = groups.unique_ids.numel();
+  Tensor rows = at::empty({unique}, ids.options());
+  Tensor row_grads = at::empty({unique, dv}, values.options());
+  if (dv == 0) {
+    rows.copy_(groups.unique_ids);
+  } else {
+    const Tensor w = weights.to(at::kFloat).contiguous();
+    dispatch_gather_backward(values, grad_out, {&row_grads}, [&](auto t_tag, auto g_tag, auto width) {
+      launch_row_grads<decltype(t_tag), decltype(g_tag), decltype(width)::value>(groups, w, grad_out, L, rows,
+                                                                                 row_grads);
+    });
+  }
   return {grad_weights.to(weights.scalar_type()), rows, row_grads};
 }
 
