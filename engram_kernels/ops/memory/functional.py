@@ -2,8 +2,10 @@
 
 Every op is a `torch.library.custom_op` under the `engram::` namespace, so `torch.compile` sees one
 opaque node per op (with a fake implementation for shape propagation) instead of tracing into
-Triton, C++ or CUDA code.
+Triton, C++ or CUDA code. Eager calls take an equivalent `torch.autograd.Function` instead: the
+custom-op dispatcher costs tens of microseconds per call, as much as a whole kernel on a GPU.
 """
+import functools
 import importlib
 from typing import Optional
 
@@ -22,28 +24,34 @@ def backend_module(device):
     return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
 
 
+def _traced():
+    return torch.compiler.is_compiling()
+
+
 # ---- product-key top-k -------------------------------------------------------------------------
 
-@torch.library.custom_op("engram::pk_topk", mutates_args=())
-def _pk_topk(query: Tensor, keys1: Tensor, keys2: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _pk_topk_forward(query: Tensor, keys1: Tensor, keys2: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return backend_module(query.device).pk_topk(query, keys1, keys2, k)
 
 
-@_pk_topk.register_fake
+def _pk_topk_backward_impl(grad_scores: Tensor, query: Tensor, keys1: Tensor, keys2: Tensor,
+                           ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Two scatter-adds and four batched matmuls: BLAS/cuBLAS bound on every backend, so all
+    # backends share the reference composition.
+    return naive.pk_topk_backward(grad_scores, query, keys1, keys2, ids)
+
+
+_pk_topk_op = torch.library.custom_op("engram::pk_topk", _pk_topk_forward, mutates_args=())
+_pk_topk_backward_op = torch.library.custom_op("engram::pk_topk_backward", _pk_topk_backward_impl, mutates_args=())
+
+
+@_pk_topk_op.register_fake
 def _(query, keys1, keys2, k):
     shape = (query.shape[0], query.shape[1], k)
     return query.new_empty(shape, dtype=torch.float32), query.new_empty(shape, dtype=torch.int64)
 
 
-@torch.library.custom_op("engram::pk_topk_backward", mutates_args=())
-def _pk_topk_backward(grad_scores: Tensor, query: Tensor, keys1: Tensor, keys2: Tensor,
-                      ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # The backward is two scatter-adds and four batched matmuls: BLAS/cuBLAS bound on every
-    # backend, so all backends share the reference composition.
-    return naive.pk_topk_backward(grad_scores, query, keys1, keys2, ids)
-
-
-@_pk_topk_backward.register_fake
+@_pk_topk_backward_op.register_fake
 def _(grad_scores, query, keys1, keys2, ids):
     return torch.empty_like(query), torch.empty_like(keys1), torch.empty_like(keys2)
 
@@ -54,13 +62,26 @@ def _pk_topk_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _pk_topk_grad(ctx, grad_scores, _grad_ids):
+def _pk_topk_grad(ctx, grad_scores, _grad_ids, backward):
     query, keys1, keys2, ids = ctx.saved_tensors
-    dq, dk1, dk2 = _pk_topk_backward(grad_scores.contiguous(), query, keys1, keys2, ids)
+    dq, dk1, dk2 = backward(grad_scores.contiguous(), query, keys1, keys2, ids)
     return dq, dk1, dk2, None
 
 
-_pk_topk.register_autograd(_pk_topk_grad, setup_context=_pk_topk_setup)
+_pk_topk_op.register_autograd(functools.partial(_pk_topk_grad, backward=_pk_topk_backward_op),
+                              setup_context=_pk_topk_setup)
+
+
+class _PkTopk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):  # the ctx-in-forward style: a third of setup_context's call overhead
+        output = _pk_topk_forward(*inputs)
+        _pk_topk_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_scores, grad_ids):
+        return _pk_topk_grad(ctx, grad_scores, grad_ids, _pk_topk_backward_impl)
 
 
 def pk_topk(query, keys1, keys2, k, check_values=True):
@@ -72,28 +93,32 @@ def pk_topk(query, keys1, keys2, k, check_values=True):
     `check_values=False` skips the NaN scan (a device sync on GPUs).
     """
     checks.check_pk_topk(query, keys1, keys2, k, check_values)
-    return _pk_topk(query.contiguous(), keys1.contiguous(), keys2.contiguous(), k)
+    op = _pk_topk_op if _traced() else _PkTopk.apply
+    return op(query.contiguous(), keys1.contiguous(), keys2.contiguous(), k)
 
 
 # ---- weighted gather (embedding bag) -----------------------------------------------------------
 
-@torch.library.custom_op("engram::weighted_gather", mutates_args=())
-def _weighted_gather(values: Tensor, ids: Tensor, weights: Tensor, sparse_grad: bool) -> Tensor:
+def _gather_forward(values: Tensor, ids: Tensor, weights: Tensor, sparse_grad: bool) -> Tensor:
     return backend_module(values.device).weighted_gather(values, ids, weights)
 
 
-@_weighted_gather.register_fake
+def _gather_backward_impl(grad_out: Tensor, values: Tensor, ids: Tensor,
+                          weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return backend_module(values.device).weighted_gather_backward(grad_out, values, ids, weights)
+
+
+_gather_op = torch.library.custom_op("engram::weighted_gather", _gather_forward, mutates_args=())
+_gather_backward_op = torch.library.custom_op("engram::weighted_gather_backward", _gather_backward_impl,
+                                              mutates_args=())
+
+
+@_gather_op.register_fake
 def _(values, ids, weights, sparse_grad):
     return values.new_empty(ids.shape[0], values.shape[1])
 
 
-@torch.library.custom_op("engram::weighted_gather_backward", mutates_args=())
-def _weighted_gather_backward(grad_out: Tensor, values: Tensor, ids: Tensor,
-                              weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return backend_module(values.device).weighted_gather_backward(grad_out, values, ids, weights)
-
-
-@_weighted_gather_backward.register_fake
+@_gather_backward_op.register_fake
 def _(grad_out, values, ids, weights):
     unique = torch.library.get_ctx().new_dynamic_size()
     return (torch.empty_like(weights), ids.new_empty(unique),
@@ -106,16 +131,29 @@ def _gather_setup(ctx, inputs, output):
     ctx.sparse_grad = sparse_grad
 
 
-def _gather_grad(ctx, grad_out):
+def _gather_grad(ctx, grad_out, backward):
     values, ids, weights = ctx.saved_tensors
-    grad_weights, rows, row_grads = _weighted_gather_backward(grad_out.contiguous(), values, ids, weights)
+    grad_weights, rows, row_grads = backward(grad_out.contiguous(), values, ids, weights)
     grad_values = None
     if ctx.needs_input_grad[0]:
         grad_values = rows_to_grad(rows, row_grads, values.shape, ctx.sparse_grad)
     return grad_values, None, grad_weights, None
 
 
-_weighted_gather.register_autograd(_gather_grad, setup_context=_gather_setup)
+_gather_op.register_autograd(functools.partial(_gather_grad, backward=_gather_backward_op),
+                             setup_context=_gather_setup)
+
+
+class _WeightedGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _gather_forward(*inputs)
+        _gather_setup(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _gather_grad(ctx, grad_out, _gather_backward_impl)
 
 
 def rows_to_grad(rows, row_grads, shape, sparse):
@@ -134,30 +172,34 @@ def weighted_gather(values, ids, weights, sparse_grad=True, check_values=True):
     n_slots x Dv). `check_values=False` skips the id-range and NaN scans (device syncs on GPUs).
     """
     checks.check_weighted_gather(values, ids, weights, check_values)
-    return _weighted_gather(values.contiguous(), ids.long().contiguous(), weights.contiguous(), sparse_grad)
+    op = _gather_op if _traced() else _WeightedGather.apply
+    return op(values.contiguous(), ids.long().contiguous(), weights.contiguous(), sparse_grad)
 
 
 # ---- fused sparse optimizer steps --------------------------------------------------------------
 
-@torch.library.custom_op("engram::sparse_sgd_step", mutates_args=("values",))
-def _sparse_sgd_step(values: Tensor, rows: Tensor, grads: Tensor, lr: float, weight_decay: float,
-                     allow_mask: Optional[Tensor]) -> None:
+def _sgd_step(values: Tensor, rows: Tensor, grads: Tensor, lr: float, weight_decay: float,
+              allow_mask: Optional[Tensor]) -> None:
     backend_module(values.device).sparse_sgd_step(values, rows, grads, lr, weight_decay, allow_mask)
 
 
-@torch.library.custom_op("engram::sparse_adam_step", mutates_args=("values", "exp_avg", "exp_avg_sq"))
-def _sparse_adam_step(values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor,
-                      step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                      allow_mask: Optional[Tensor]) -> None:
-    backend_module(values.device).sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr,
-                                                   beta1, beta2, eps, weight_decay, allow_mask)
+def _adam_step(values: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grads: Tensor, step: int,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               allow_mask: Optional[Tensor]) -> None:
+    backend_module(values.device).sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1,
+                                                   beta2, eps, weight_decay, allow_mask)
+
+
+_sgd_step_op = torch.library.custom_op("engram::sparse_sgd_step", _sgd_step, mutates_args=("values",))
+_adam_step_op = torch.library.custom_op("engram::sparse_adam_step", _adam_step,
+                                        mutates_args=("values", "exp_avg", "exp_avg_sq"))
 
 
 def sparse_sgd_step(values, rows, grads, lr, weight_decay=0.0, allow_mask=None, check_values=True):
     """In place on `values`: SGD on the given unique rows; rows outside `allow_mask` stay unchanged."""
     checks.check_sparse_step("sparse_sgd_step", values, rows, grads, allow_mask, (), check_values)
-    _sparse_sgd_step(values, rows.long().contiguous(), grads.contiguous(), float(lr), float(weight_decay),
-                     allow_mask)
+    step = _sgd_step_op if _traced() else _sgd_step
+    step(values, rows.long().contiguous(), grads.contiguous(), float(lr), float(weight_decay), allow_mask)
 
 
 def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -167,5 +209,6 @@ def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1=0
                              check_values)
     if step < 1:
         raise ValueError(f"sparse_adam_step: step counts updates and starts at 1, got {step}")
-    _sparse_adam_step(values, exp_avg, exp_avg_sq, rows.long().contiguous(), grads.contiguous(), int(step),
-                      float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), allow_mask)
+    update = _adam_step_op if _traced() else _adam_step
+    update(values, exp_avg, exp_avg_sq, rows.long().contiguous(), grads.contiguous(), int(step), float(lr),
+           float(beta1), float(beta2), float(eps), float(weight_decay), allow_mask)
