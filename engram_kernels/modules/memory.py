@@ -32,6 +32,7 @@ class ProductKeyMemory(nn.Module):
         self.dim, self.heads, self.k, self.n_keys, self.key_dim = dim, heads, k, n_keys, key_dim
         self.value_dim = value_dim or dim
         self.sparse_grad, self.value_init = sparse_grad, value_init
+        self.access_hooks = []  # callables receiving the (N, H*k) slot ids of every forward
         self.query = nn.Linear(dim, heads * key_dim, bias=False, **factory)
         self.query_norm = nn.RMSNorm(key_dim, **factory)
         self.keys1 = nn.Parameter(torch.empty(heads, n_keys, key_dim // 2, **factory))
@@ -70,6 +71,8 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x):
         ids, weights = self.lookup(x)
+        for hook in self.access_hooks:
+            hook(ids)
         mem = weighted_gather(self.values, ids, weights, sparse_grad=self.sparse_grad, check_values=False)
         mem = mem.to(x.dtype)
         if self.gate is not None:
