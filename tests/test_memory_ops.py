@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import dtypes_for, interpreted, tolerance
+from backend_cases import dtypes_for, interpreted, tolerance
 from engram_kernels import backends
 from engram_kernels.ops.memory import naive, pk_topk, sparse_adam_step, sparse_sgd_step, weighted_gather
 

@@ -5,6 +5,7 @@ stream: Llama (SmolLM2), Qwen2, Qwen3, Mistral, Gemma3 (there the memory output 
 post-feed-forward norm with the MLP's). Memory weights save apart from the base model as
 `memory.safetensors` + `memory_config.json`, so one base can carry many memories.
 """
+import contextlib
 import json
 import os
 
@@ -26,9 +27,11 @@ class MLPWithMemory(nn.Module):
         super().__init__()
         self.mlp = mlp
         self.memory = memory
+        self.memory_enabled = True
 
     def forward(self, x, *args, **kwargs):
-        return self.mlp(x, *args, **kwargs) + self.memory(x)
+        out = self.mlp(x, *args, **kwargs)
+        return out + self.memory(x) if self.memory_enabled else out
 
 
 def decoder_layers(model):
@@ -82,6 +85,19 @@ def memory_layers(model):
     """{decoder layer index: ProductKeyMemory} for the memories in `model`."""
     return {i: block.mlp.memory for i, block in enumerate(decoder_layers(model))
             if isinstance(block.mlp, MLPWithMemory)}
+
+
+@contextlib.contextmanager
+def memory_disabled(model):
+    """Run `model` as its base inside the block (e.g. as a context-distillation teacher)."""
+    wrappers = [block.mlp for block in decoder_layers(model) if isinstance(block.mlp, MLPWithMemory)]
+    for wrapper in wrappers:
+        wrapper.memory_enabled = False
+    try:
+        yield model
+    finally:
+        for wrapper in wrappers:
+            wrapper.memory_enabled = True
 
 
 def memory_parameters(model):

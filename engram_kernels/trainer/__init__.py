@@ -1,0 +1,1 @@
+"""Streaming trainer: ingest documents, dream training examples, write them into memory layers."""

@@ -1,0 +1,184 @@
+"""Sparse memory finetuning: write training examples into the memory layers of a frozen model.
+
+Per batch: count which memory slots the batch reads, rank them by TF-IDF against background counts
+(slots.py), and let only the top-t slots of each layer change through the fused sparse Adam step.
+Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
+only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
+plus optional context distillation: the base model with the source document in its prompt is the
+teacher (top-k log-probs cached once per example), the model with memory without it the student.
+"""
+import dataclasses
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..integrations import memory_disabled, memory_layers
+from ..optim import FusedSparseAdam
+from .dreaming import format_prompt
+from .slots import SlotCounter, tfidf_allow_masks
+
+IGNORE = -100
+
+
+@dataclasses.dataclass
+class LearnConfig:
+    top_t: int = 4096          # slots per memory layer allowed to change per batch
+    lr: float = 1e-2
+    epochs: int = 3
+    batch_size: int = 8
+    max_len: int = 128
+    distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
+    distill_top_k: int = 32      # teacher log-probs kept per target token
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: list          # student tokens: prompt + target
+    target_start: int  # index of the first target token in ids
+    teacher_ids: list = None
+    teacher_target_start: int = 0
+
+
+def _prompt_ids(tokenizer, prompt):
+    if not prompt:
+        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+
+
+def encode(tokenizer, example, max_len, with_teacher=False):
+    """Token ids of prompt + target (+ eos), truncated to max_len, and where the target starts."""
+    target = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    prompt = _prompt_ids(tokenizer, example.prompt)[-(max_len // 2):]
+    ids = (prompt + target)[:max_len]
+    encoded = Encoded(ids, len(prompt))
+    if with_teacher:
+        teacher_prompt = _prompt_ids(tokenizer, f"{example.context}\n\n{example.prompt}".strip())
+        teacher_prompt = teacher_prompt[-(2 * max_len):]
+        encoded.teacher_ids, encoded.teacher_target_start = teacher_prompt + ids[len(prompt):], len(teacher_prompt)
+    return encoded
+
+
+def _pad(sequences, pad_id, device):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, :len(s)] = torch.tensor(s, device=device)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def _labels(batch, ids):
+    labels = torch.full_like(ids, IGNORE)
+    for i, e in enumerate(batch):
+        labels[i, e.target_start:len(e.ids)] = ids[i, e.target_start:len(e.ids)]
+    return labels
+
+
+@torch.no_grad()
+def teacher_targets(model, tokenizer, encoded, top_k, batch_size=8):
+    """Per example: (ids (T, top_k), log-probs (T, top_k)) of the base model with the document in
+    its prompt, at the positions predicting each target token. Computed once, kept on CPU."""
+    device = next(model.parameters()).device
+    cache = []
+    with memory_disabled(model):
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start:start + batch_size]
+            ids, mask = _pad([e.teacher_ids for e in batch], tokenizer.pad_token_id, device)
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            for i, e in enumerate(batch):
+                span = logp[i, e.teacher_target_start - 1:len(e.teacher_ids) - 1]
+                top = span.topk(top_k, dim=-1)
+                cache.append((top.indices.cpu(), top.values.cpu()))
+    return cache
+
+
+def _distill_loss(logits, batch, teachers):
+    """KL(teacher || student) on the teacher's top-k support, renormalized, over target tokens."""
+    losses = []
+    for i, (e, (t_ids, t_logp)) in enumerate(zip(batch, teachers)):
+        span = logits[i, e.target_start - 1:len(e.ids) - 1].float().log_softmax(-1)
+        n = min(len(span), len(t_ids))
+        student = span[:n].gather(-1, t_ids[:n].to(span.device))
+        teacher = t_logp[:n].to(span.device).log_softmax(-1)
+        losses.append((teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1).mean())
+    return torch.stack(losses).mean()
+
+
+def _train_values_only(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    values = [m.values for m in memory_layers(model).values()]
+    for v in values:
+        v.requires_grad_(True)
+    return values
+
+
+@dataclasses.dataclass
+class LearnStats:
+    examples: int = 0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+    rows_changed: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self):
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def as_dict(self):
+        return {**dataclasses.asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
+
+
+def train_memory(model, tokenizer, examples, background, config=LearnConfig(), progress=None):
+    """Train the memory values of `model` on `examples`; returns LearnStats. `background` is
+    {layer: access counts} from slots.background_counts; `progress(step, total, loss, tok_per_s)`."""
+    if not memory_layers(model):
+        raise ValueError("model has no memory layers: add_memory_layers(model, ...) first")
+    device = next(model.parameters()).device
+    distill = config.distill_weight > 0
+    encoded = [encode(tokenizer, e, config.max_len, with_teacher=distill) for e in examples]
+    teachers = teacher_targets(model, tokenizer, encoded, config.distill_top_k) if distill else [None] * len(encoded)
+    values = _train_values_only(model)
+    optimizer = FusedSparseAdam(values, lr=config.lr)
+    layers = memory_layers(model)
+    before = {layer: m.values.detach().clone() for layer, m in layers.items()}
+    order, rng = list(range(len(encoded))), random.Random(config.seed)
+    total = config.epochs * -(-len(encoded) // config.batch_size)
+    stats, start = LearnStats(examples=len(examples)), time.perf_counter()
+    model.train()
+    for _ in range(config.epochs):
+        rng.shuffle(order)
+        for first in range(0, len(order), config.batch_size):
+            picked = order[first:first + config.batch_size]
+            batch = [encoded[i] for i in picked]
+            ids, mask = _pad([e.ids for e in batch], tokenizer.pad_token_id, device)
+            with SlotCounter(model) as counter:
+                counter.token_mask = mask.flatten().bool()  # padding reads slots too; it must not rank them
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), _labels(batch, ids)[:, 1:].flatten(),
+                                   ignore_index=IGNORE)
+            if distill:
+                loss = loss + config.distill_weight * _distill_loss(logits, batch, [teachers[i] for i in picked])
+            masks = tfidf_allow_masks(counter.counts, background, config.top_t)
+            for layer, memory in layers.items():
+                optimizer.set_allow_mask(memory.values, masks[layer].to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.steps += 1
+            stats.tokens += int(mask.sum())
+            stats.final_loss = loss.item()
+            stats.seconds = time.perf_counter() - start
+            if progress is not None:
+                progress(stats.steps, total, stats.final_loss, stats.tokens_per_s)
+    model.eval()
+    for v in values:
+        v.requires_grad_(False)
+    stats.rows_changed = {str(layer): int((m.values.detach() != before[layer]).any(1).sum())
+                          for layer, m in layers.items()}
+    return stats
