@@ -154,6 +154,11 @@ def cmd_memory(args):
     return 0
 
 
+def cmd_eval(args):
+    from .evaluate import run_from_args
+    return run_from_args(args)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="engram", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,6 +199,11 @@ def build_parser():
     memory.add_argument("action", choices=["list", "rollback"])
     memory.add_argument("version", type=int, nargs="?")
     memory.set_defaults(func=cmd_memory)
+
+    from .evaluate import add_eval_arguments
+    evaluation = sub.add_parser("eval", help="compare memory with LoRA, full fine-tuning, RAG and the base model")
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=cmd_eval)
     return parser
 
 

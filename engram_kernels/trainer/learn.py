@@ -25,8 +25,8 @@ IGNORE = -100
 @dataclasses.dataclass
 class LearnConfig:
     top_t: int = 4096          # slots per memory layer allowed to change per batch
-    lr: float = 1e-2
-    epochs: int = 3
+    lr: float = 1.0             # Adam on value rows: a row moves about lr per step; zero-init rows need large steps
+    epochs: int = 10
     batch_size: int = 8
     max_len: int = 128
     distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
