@@ -186,7 +186,7 @@ def build_parser():
     learn.add_argument("--max-len", type=int, default=defaults.max_len)
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
-    learn.add_argument("--chunk-tokens", type=int, default=256)
+    learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")
     learn.add_argument("--seed", type=int, default=0)
     learn.set_defaults(func=cmd_learn)
 
