@@ -44,6 +44,16 @@ def format_prompt(tokenizer, prompt, system=None):
     return f"{system}\n\n{prompt}\n" if system else f"{prompt}\n"
 
 
+def prompt_ids(tokenizer, prompt):
+    """Token ids of format_prompt(prompt); an empty prompt starts from the bos (else eos) token."""
+    if prompt:
+        return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("tokenizer has neither a bos nor an eos token to start text from")
+    return [start]
+
+
 def document_context(doc):
     """The text an example's teacher sees: the document text, or "Q: ... A: ..." for a qa document."""
     if doc.kind == "qa":

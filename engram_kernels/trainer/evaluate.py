@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..integrations import add_memory_layers, memory_parameters
-from .dreaming import Example, fallback_examples, format_prompt
+from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
 from .ingest import Document, chunk_documents
 from .learn import IGNORE, LearnConfig, _labels, _pad, encode, train_memory
 from .models import default_cache_dir, freeze
@@ -457,7 +457,7 @@ def sample_background_examples(model, tokenizer, n_sequences=32, seq_len=64, see
             count = n_sequences // len(BACKGROUND_PROMPTS) + (index < n_sequences % len(BACKGROUND_PROMPTS))
             if not count:
                 continue
-            ids = _background_prompt_ids(tokenizer, prompt, device)
+            ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
                                  top_p=0.95, top_k=0, max_new_tokens=seq_len, num_return_sequences=count,
                                  pad_token_id=pad_id)
@@ -469,14 +469,6 @@ def sample_background_examples(model, tokenizer, n_sequences=32, seq_len=64, see
         Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
         Path(cache_path).write_text(json.dumps(records))
     return [Example(r["prompt"], r["target"], "raw", "background", "") for r in records]
-
-
-def _background_prompt_ids(tokenizer, prompt, device):
-    if prompt:
-        ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-    else:
-        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-    return torch.tensor([ids], device=device)
 
 
 # ---------------------------------------------------------------- the harness

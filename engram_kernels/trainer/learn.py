@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..integrations import memory_disabled, memory_layers
 from ..optim import FusedSparseAdam
-from .dreaming import format_prompt
+from .dreaming import prompt_ids
 from .slots import SlotCounter, tfidf_allow_masks
 
 IGNORE = -100
@@ -42,20 +42,14 @@ class Encoded:
     teacher_target_start: int = 0
 
 
-def _prompt_ids(tokenizer, prompt):
-    if not prompt:
-        return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-
-
 def encode(tokenizer, example, max_len, with_teacher=False):
     """Token ids of prompt + target (+ eos), truncated to max_len, and where the target starts."""
     target = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    prompt = _prompt_ids(tokenizer, example.prompt)[-(max_len // 2):]
+    prompt = prompt_ids(tokenizer, example.prompt)[-(max_len // 2):]
     ids = (prompt + target)[:max_len]
     encoded = Encoded(ids, len(prompt))
     if with_teacher:
-        teacher_prompt = _prompt_ids(tokenizer, f"{example.context}\n\n{example.prompt}".strip())
+        teacher_prompt = prompt_ids(tokenizer, f"{example.context}\n\n{example.prompt}".strip())
         teacher_prompt = teacher_prompt[-(2 * max_len):]
         encoded.teacher_ids, encoded.teacher_target_start = teacher_prompt + ids[len(prompt):], len(teacher_prompt)
     return encoded

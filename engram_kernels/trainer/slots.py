@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..integrations.hf import memory_layers
-from .dreaming import format_prompt
+from .dreaming import prompt_ids
 
 # Generic prompts for background text; "" means: start from BOS and let the model ramble.
 BACKGROUND_PROMPTS = (
@@ -128,15 +128,6 @@ def _save_cache(path, background, expected):
     os.replace(tmp, path)  # a crash never leaves a half-written cache
 
 
-def _prompt_ids(tokenizer, prompt):
-    if prompt:
-        return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is None:
-        raise ValueError("tokenizer has neither a bos nor an eos token to start background text from")
-    return [start]
-
-
 def _generated_mask(new_tokens, eos_id):
     """True for generated tokens up to and including the first eos (later ones are padding)."""
     if eos_id is None:
@@ -153,16 +144,16 @@ def _sample_and_count(model, tokenizer, n_sequences, seq_len, batch_size=8):
                   for i in range(len(BACKGROUND_PROMPTS))]
     counter = SlotCounter(model)
     for prompt, count in zip(BACKGROUND_PROMPTS, per_prompt):
-        prompt_ids = torch.tensor([_prompt_ids(tokenizer, prompt)], device=device)
+        start_ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
         for start in range(0, count, batch_size):
             n = min(batch_size, count - start)
-            out = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), do_sample=True,
+            out = model.generate(start_ids, attention_mask=torch.ones_like(start_ids), do_sample=True,
                                  temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=seq_len,
                                  num_return_sequences=n, pad_token_id=pad_id)
             in_prompt = torch.zeros_like(out, dtype=torch.bool)
-            in_prompt[:, :prompt_ids.shape[1]] = True
+            in_prompt[:, :start_ids.shape[1]] = True
             generated = torch.zeros_like(in_prompt)
-            generated[:, prompt_ids.shape[1]:] = _generated_mask(out[:, prompt_ids.shape[1]:], tokenizer.eos_token_id)
+            generated[:, start_ids.shape[1]:] = _generated_mask(out[:, start_ids.shape[1]:], tokenizer.eos_token_id)
             counter.token_mask = generated.flatten()  # count the model's own text, not prompts or padding
             with counter:
                 model(input_ids=out, attention_mask=(in_prompt | generated).long())
