@@ -17,6 +17,7 @@ import torch
 
 from ..integrations import add_memory_layers, memory_layers
 from .dreaming import drop_known, external_examples, fallback_examples, format_prompt, self_study_examples
+from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
 from .learn import LearnConfig, train_memory
@@ -118,14 +119,10 @@ def cmd_learn(args):
     return 0
 
 
-@torch.no_grad()
 def answer(model, tokenizer, question, max_new_tokens=64):
     """Greedy closed-book answer: the question alone in the prompt."""
-    prompt = tokenizer(format_prompt(tokenizer, question), return_tensors="pt", add_special_tokens=False)
-    prompt = prompt.to(next(model.parameters()).device)
-    out = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, prompt.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    answers, _ = generate_answers(model, tokenizer, [format_prompt(tokenizer, question)], max_new_tokens)
+    return answers[0]
 
 
 def cmd_ask(args):

@@ -13,7 +13,6 @@ import urllib.error
 import urllib.request
 
 import torch
-import torch.nn.functional as F
 
 KINDS = ("raw", "cloze", "qa", "rephrase", "self_qa", "self_rephrase")
 
@@ -456,7 +455,7 @@ def external_examples(doc, endpoint, model_name, api_key=None, timeout=60, *, n_
 def target_losses(examples, model, tokenizer, *, batch_size=8, max_len=128):
     """Mean cross-entropy of each example's target tokens under `model` (memory included), encoded
     exactly as training encodes them (learn.encode); nan where truncation left no target token."""
-    from .learn import encode  # learn imports this module
+    from .learn import IGNORE, encode, pad_batch, target_labels, target_token_losses  # learn imports this module
     encoded = [encode(tokenizer, e, max_len) for e in examples]
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -466,22 +465,12 @@ def target_losses(examples, model, tokenizer, *, batch_size=8, max_len=128):
     model.eval()
     try:
         for first in range(0, len(order), batch_size):
-            picked = order[first:first + batch_size]
-            width = max(len(encoded[i].ids) for i in picked)
-            ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
-            labels = torch.full_like(ids, -100)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(picked):
-                e = encoded[i]
-                ids[row, :len(e.ids)] = torch.tensor(e.ids)
-                mask[row, :len(e.ids)] = 1
-                labels[row, e.target_start:len(e.ids)] = ids[row, e.target_start:len(e.ids)]
-            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-            token_loss = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
-            n_targets = (labels[:, 1:] != -100).sum(1)
+            batch = [encoded[i] for i in order[first:first + batch_size]]
+            ids, mask = pad_batch([e.ids for e in batch], pad_id, device)
+            token_loss = target_token_losses(model(input_ids=ids, attention_mask=mask).logits, batch, ids)
+            n_targets = (target_labels(batch, ids)[:, 1:] != IGNORE).sum(1)
             per_example = token_loss.sum(1) / n_targets.clamp(min=1)
-            for row, i in enumerate(picked):
+            for row, i in enumerate(order[first:first + batch_size]):
                 losses[i] = per_example[row].item() if n_targets[row] > 0 else math.nan
     finally:
         model.train(was_training)

@@ -32,12 +32,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..integrations import add_memory_layers, memory_parameters
 from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
 from .ingest import Document, chunk_documents
-from .learn import IGNORE, LearnConfig, _labels, _pad, encode, train_memory
+from .learn import LearnConfig, encode, pad_batch, target_loss, train_memory
 from .models import default_cache_dir, freeze
 from .slots import BACKGROUND_PROMPTS, background_counts
 
@@ -395,10 +394,8 @@ def train_for(model, tokenizer, examples, optimizer, config, budget_s, replay=()
             if replayed:
                 batch += [replayed[(next_replay + j) % len(replayed)] for j in range(replay_per_batch)]
                 next_replay += replay_per_batch
-            ids, mask = _pad([e.ids for e in batch], tokenizer.pad_token_id, device)
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), _labels(batch, ids)[:, 1:].flatten(),
-                                   ignore_index=IGNORE)
+            ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
+            loss = target_loss(model(input_ids=ids, attention_mask=mask).logits, batch, ids)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

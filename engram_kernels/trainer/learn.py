@@ -55,7 +55,8 @@ def encode(tokenizer, example, max_len, with_teacher=False):
     return encoded
 
 
-def _pad(sequences, pad_id, device):
+def pad_batch(sequences, pad_id, device):
+    """Right-padded (ids, attention mask) for a list of token id lists."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
@@ -65,11 +66,24 @@ def _pad(sequences, pad_id, device):
     return ids, mask
 
 
-def _labels(batch, ids):
+def target_labels(batch, ids):
+    """Labels that score only target tokens (prompt and padding are IGNORE)."""
     labels = torch.full_like(ids, IGNORE)
     for i, e in enumerate(batch):
         labels[i, e.target_start:len(e.ids)] = ids[i, e.target_start:len(e.ids)]
     return labels
+
+
+def target_token_losses(logits, batch, ids):
+    """Next-token cross-entropy per position, (B, T-1), zero where not a target token."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target_labels(batch, ids)[:, 1:],
+                           ignore_index=IGNORE, reduction="none")
+
+
+def target_loss(logits, batch, ids):
+    """Mean next-token cross-entropy over the batch's target tokens."""
+    labels = target_labels(batch, ids)[:, 1:]
+    return target_token_losses(logits, batch, ids).sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -81,7 +95,7 @@ def teacher_targets(model, tokenizer, encoded, top_k, batch_size=8):
     with memory_disabled(model):
         for start in range(0, len(encoded), batch_size):
             batch = encoded[start:start + batch_size]
-            ids, mask = _pad([e.teacher_ids for e in batch], tokenizer.pad_token_id, device)
+            ids, mask = pad_batch([e.teacher_ids for e in batch], tokenizer.pad_token_id, device)
             logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
             for i, e in enumerate(batch):
                 span = logp[i, e.teacher_target_start - 1:len(e.teacher_ids) - 1]
@@ -150,12 +164,11 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
         for first in range(0, len(order), config.batch_size):
             picked = order[first:first + config.batch_size]
             batch = [encoded[i] for i in picked]
-            ids, mask = _pad([e.ids for e in batch], tokenizer.pad_token_id, device)
+            ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
             with SlotCounter(model) as counter:
                 counter.token_mask = mask.flatten().bool()  # padding reads slots too; it must not rank them
                 logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), _labels(batch, ids)[:, 1:].flatten(),
-                                   ignore_index=IGNORE)
+            loss = target_loss(logits, batch, ids)
             if distill:
                 loss = loss + config.distill_weight * _distill_loss(logits, batch, [teachers[i] for i in picked])
             masks = tfidf_allow_masks(counter.counts, background, config.top_t)
