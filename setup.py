@@ -1,8 +1,13 @@
-"""Builds the compiled backends: `_C_cpu` always (C++/OpenMP), `_C_cuda` when torch has CUDA and
-nvcc is found. A failed or impossible build leaves the package usable: the dispatcher falls back to
-the pure-PyTorch reference with a one-line notice.
+"""Builds the compiled backends, one pair of extensions per op family (memory, lora, kvcache):
 
-ENGRAM_NO_EXTENSIONS=1 skips both; ENGRAM_CPU_ARCH sets -march (default: native, the machine that
+    engram_kernels._C_<family>_cpu    from csrc/cpu/<family>.cpp            (C++/OpenMP, always)
+    engram_kernels._C_<family>_cuda   from csrc/cuda/<family>.cu + <family>_bindings.cpp
+                                      (when torch has CUDA and nvcc is found)
+
+A family whose sources do not exist yet is skipped. A failed or impossible build leaves the package
+usable: the dispatcher falls back to the pure-PyTorch reference with a one-line notice.
+
+ENGRAM_NO_EXTENSIONS=1 skips all; ENGRAM_CPU_ARCH sets -march (default: native, the machine that
 builds is the machine that runs an install from source).
 """
 import os
@@ -10,21 +15,23 @@ import shutil
 
 from setuptools import setup
 
+FAMILIES = ("memory", "lora", "kvcache")
 
-def cpu_extension(cpp):
+
+def cpu_extension(cpp, family):
     arch = os.environ.get("ENGRAM_CPU_ARCH", "native")
     return cpp.CppExtension(
-        "engram_kernels._C_cpu",
-        ["csrc/cpu/memory.cpp"],
+        f"engram_kernels._C_{family}_cpu",
+        [f"csrc/cpu/{family}.cpp"],
         extra_compile_args=["-O3", "-fopenmp", f"-march={arch}", "-ffp-contract=fast"],
         extra_link_args=["-fopenmp"],
     )
 
 
-def cuda_extension(cpp):
+def cuda_extension(cpp, family):
     return cpp.CUDAExtension(
-        "engram_kernels._C_cuda",
-        ["csrc/cuda/bindings.cpp", "csrc/cuda/memory.cu"],
+        f"engram_kernels._C_{family}_cuda",
+        [f"csrc/cuda/{family}_bindings.cpp", f"csrc/cuda/{family}.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
 
@@ -38,9 +45,13 @@ def extensions():
     except ImportError:
         print("engram_kernels: torch not importable at build time; installing without compiled backends")
         return [], {}
-    exts = [cpu_extension(cpp)]
-    if torch.version.cuda and (cpp.CUDA_HOME or shutil.which("nvcc")) and os.path.exists("csrc/cuda/memory.cu"):
-        exts.append(cuda_extension(cpp))
+    with_cuda = bool(torch.version.cuda and (cpp.CUDA_HOME or shutil.which("nvcc")))
+    exts = []
+    for family in FAMILIES:
+        if os.path.exists(f"csrc/cpu/{family}.cpp"):
+            exts.append(cpu_extension(cpp, family))
+        if with_cuda and os.path.exists(f"csrc/cuda/{family}.cu"):
+            exts.append(cuda_extension(cpp, family))
     return exts, {"build_ext": cpp.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 

@@ -4,6 +4,9 @@ Order of preference per device: cuda > triton > torch on GPUs, cpu > torch on CP
 `ENGRAM_BACKEND=torch|cpu|triton|cuda` (or `use_backend(...)`) forces one; a forced backend that
 cannot run on the tensor's device falls back to the best available one with a one-line notice.
 Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when forced.
+
+Each op family (`memory`, `lora`, `kvcache`) has its own compiled extensions,
+`engram_kernels._C_<family>_cpu` and `_C_<family>_cuda`, so availability is per family.
 """
 import contextlib
 import functools
@@ -14,6 +17,7 @@ import os
 import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
+FAMILIES = ("memory", "lora", "kvcache")
 ENV_VAR = "ENGRAM_BACKEND"
 log = logging.getLogger("engram_kernels")
 
@@ -31,8 +35,8 @@ def notice(message):
 
 @functools.cache
 def extension(name):
-    """Import a compiled extension (`_C_cpu`, `_C_cuda`), or None with the reason in `_status`."""
-    if name == "_C_cuda" and not torch.cuda.is_available():
+    """Import a compiled extension (`_C_memory_cpu`, ...), or None with the reason in `_status`."""
+    if name.endswith("_cuda") and not torch.cuda.is_available():
         _status[name] = "unavailable (no CUDA device)"
         return None
     try:
@@ -54,13 +58,17 @@ def triton_available(device_type):
     return device_type in ("cuda", "cpu")
 
 
-def is_available(backend, device_type):
+def extension_name(backend, family):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown op family {family!r}; choose from {FAMILIES}")
+    return f"_C_{family}_{backend}"
+
+
+def is_available(backend, device_type, family="memory"):
+    if backend in ("cpu", "cuda"):
+        return device_type == backend and extension(extension_name(backend, family)) is not None
     if backend == "torch":
         return True
-    if backend == "cpu":
-        return device_type == "cpu" and extension("_C_cpu") is not None
-    if backend == "cuda":
-        return device_type == "cuda" and extension("_C_cuda") is not None
     if backend == "triton":
         return triton_available(device_type)
     raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -77,27 +85,26 @@ def forced_backend():
     return name
 
 
-def choose(device):
-    """Name of the backend that runs ops on `device` (a torch.device or its type string)."""
+def choose(device, family="memory"):
+    """Name of the backend that runs `family`'s ops on `device` (a torch.device or its type string)."""
     device_type = torch.device(device).type
     forced = forced_backend()
     if forced is not None:
-        if is_available(forced, device_type):
+        if is_available(forced, device_type, family):
             return forced
-        notice(f"backend {forced!r} is unavailable on {device_type}; {describe(forced)}; falling back")
+        notice(f"backend {forced!r} is unavailable for {family} ops on {device_type}; "
+               f"{describe(forced, family)}; falling back")
     for name in preference(device_type):
-        if is_available(name, device_type):
+        if is_available(name, device_type, family):
             return name
     return "torch"
 
 
-def describe(backend):
-    if backend == "cpu":
-        extension("_C_cpu")
-        return f"C++ extension {_status['_C_cpu']}"
-    if backend == "cuda":
-        extension("_C_cuda")
-        return f"CUDA extension {_status['_C_cuda']}"
+def describe(backend, family="memory"):
+    if backend in ("cpu", "cuda"):
+        name = extension_name(backend, family)
+        extension(name)
+        return f"{'C++' if backend == 'cpu' else 'CUDA'} extension {name} {_status[name]}"
     if backend == "triton":
         return "triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU)"
     return "always available"
@@ -117,9 +124,9 @@ def use_backend(name):
 
 
 def report():
-    """Backend availability per device type, for `python -m engram_kernels`."""
+    """Backend availability per op family and device type, for `python -m engram_kernels`."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines = [f"{d}: chosen={choose(d)}; " + ", ".join(
-        f"{b}={'yes' if is_available(b, d) else 'no'}" for b in BACKENDS) for d in devices]
+    lines = [f"{f} on {d}: chosen={choose(d, f)}; " + ", ".join(
+        f"{b}={'yes' if is_available(b, d, f) else 'no'}" for b in BACKENDS) for f in FAMILIES for d in devices]
     lines += [f"{name}: {state}" for name, state in sorted(_status.items())]
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Compile and link the CUDA extension (csrc/cuda -> _C_cuda) with nvcc against a CUDA build of
+# Compile and link every CUDA extension (csrc/cuda/<family>.cu + <family>_bindings.cpp ->
+# _C_<family>_cuda) with nvcc against a CUDA build of
 # torch kept in its own venv. Needs no GPU. Exits non-zero on any compile or link error; compiler
 # warnings are shown but do not fail the check.
 #
@@ -44,22 +45,31 @@ from torch.utils import cpp_extension
 root, build_dir = os.environ["ROOT"], os.environ["BUILD_DIR"]
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}, "
       f"arch list {os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
-try:
-    # load() compiles both objects, links the module and imports it (import needs no GPU): a missing
-    # symbol fails here rather than on the GPU machine.
-    module = cpp_extension.load(
-        name="_C_cuda",
-        sources=[os.path.join(root, "csrc/cuda/bindings.cpp"), os.path.join(root, "csrc/cuda/memory.cu")],
-        build_directory=build_dir,
-        extra_cflags=["-O3", "-Wall"],
-        extra_cuda_cflags=["-O3", "-lineinfo", "-Xptxas=-warn-spills", "-Xcompiler=-Wall"],
-        verbose=True,
-    )
-except Exception as exc:
-    print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
-    sys.exit(1)
-functions = sorted(name for name in dir(module) if not name.startswith("_"))
-print("built", module.__file__, "exporting", ", ".join(functions))
+families = [f for f in ("memory", "lora", "kvcache") if os.path.exists(os.path.join(root, f"csrc/cuda/{f}.cu"))]
+failed = []
+for family in families:
+    name = f"_C_{family}_cuda"
+    directory = os.path.join(build_dir, family)
+    os.makedirs(directory, exist_ok=True)
+    try:
+        # load() compiles both objects, links the module and imports it (import needs no GPU): a
+        # missing symbol fails here rather than on the GPU machine.
+        module = cpp_extension.load(
+            name=name,
+            sources=[os.path.join(root, f"csrc/cuda/{family}_bindings.cpp"),
+                     os.path.join(root, f"csrc/cuda/{family}.cu")],
+            build_directory=directory,
+            extra_cflags=["-O3", "-Wall"],
+            extra_cuda_cflags=["-O3", "-lineinfo", "-Xptxas=-warn-spills", "-Xcompiler=-Wall"],
+            verbose=True,
+        )
+    except Exception as exc:
+        print(f"FAILED {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed.append(name)
+        continue
+    functions = sorted(n for n in dir(module) if not n.startswith("_"))
+    print("built", module.__file__, "exporting", ", ".join(functions), flush=True)
+sys.exit(1 if failed else 0)
 PY
 echo "elapsed: $(( $(date +%s) - start )) s"
 if [ "$status" -ne 0 ]; then

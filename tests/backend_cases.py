@@ -8,15 +8,16 @@ from engram_kernels import backends
 GPU = os.environ.get("ENGRAM_TEST_GPU") == "1" and torch.cuda.is_available()
 
 
-def backend_cases():
-    """(backend, device) pairs available here; the interpreter pairs are marked for small shapes."""
+def backend_cases(family="memory"):
+    """(backend, device) pairs available here for an op family; interpreter pairs need small shapes."""
     cases = [("torch", "cpu")]
-    if backends.is_available("cpu", "cpu"):
+    if backends.is_available("cpu", "cpu", family):
         cases.append(("cpu", "cpu"))
-    if not GPU and backends.is_available("triton", "cpu"):
+    if not GPU and backends.is_available("triton", "cpu", family):
         cases.append(("triton", "cpu"))
     if GPU:
-        cases += [(name, "cuda") for name in ("torch", "cuda", "triton") if backends.is_available(name, "cuda")]
+        cases += [(name, "cuda") for name in ("torch", "cuda", "triton")
+                  if backends.is_available(name, "cuda", family)]
     return cases
 
 

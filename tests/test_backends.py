@@ -40,7 +40,7 @@ def test_unavailable_backend_falls_back_with_one_notice(monkeypatch, caplog):
         weighted_gather(values, ids, weights)
     torch.testing.assert_close(out, naive.weighted_gather(values, ids, weights))
     notices = [r.getMessage() for r in caplog.records]
-    assert len(notices) == 1 and "'cuda' is unavailable on cpu" in notices[0] and "\n" not in notices[0]
+    assert len(notices) == 1 and "'cuda' is unavailable for memory ops on cpu" in notices[0] and "\n" not in notices[0]
 
 
 def test_report_lists_every_backend():

@@ -2,7 +2,7 @@
 from ...backends import extension
 from . import naive
 
-_C = extension("_C_cpu")
+_C = extension("_C_memory_cpu")
 
 
 def pk_topk(query, keys1, keys2, k):

@@ -7,12 +7,12 @@ from ...backends import extension
 
 from . import naive
 
-_C = extension("_C_cuda")
+_C = extension("_C_memory_cuda")
 
 
 def _ext():
     if _C is None:
-        raise RuntimeError("engram_kernels._C_cuda is not available (not built, or no CUDA device)")
+        raise RuntimeError("engram_kernels._C_memory_cuda is not available (not built, or no CUDA device)")
     return _C
 
 

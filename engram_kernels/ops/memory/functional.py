@@ -20,7 +20,7 @@ _BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernel
 
 def backend_module(device):
     """The module implementing the memory ops for the backend chosen on `device`."""
-    name = backends.choose(device)
+    name = backends.choose(device, "memory")
     return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
 
 

@@ -1,4 +1,4 @@
-// Python bindings of the CUDA memory kernels (csrc/cuda/memory.cu), as engram_kernels._C_cuda.
+// Python bindings of the CUDA memory kernels (csrc/cuda/memory.cu), as engram_kernels._C_memory_cuda.
 #include <torch/extension.h>
 
 #include <optional>
@@ -20,7 +20,7 @@ void sparse_adam_step(const at::Tensor& values, const at::Tensor& exp_avg, const
                       double beta2, double eps, double weight_decay, const std::optional<at::Tensor>& allow_mask);
 }  // namespace engram
 
-PYBIND11_MODULE(_C_cuda, m) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels for the product-key memory ops (see engram_kernels/ops/memory/naive.py)";
   m.attr("PK_MAX_TOPK") = engram::pk_max_topk();
   m.attr("PK_MAX_SUB_KEYS") = engram::pk_max_sub_keys();
