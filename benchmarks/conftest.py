@@ -8,11 +8,13 @@ files (or pytest-benchmark's own --benchmark-json output) into a markdown table.
 import datetime
 import functools
 import gc
+import itertools
 import json
 import os
 import platform
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,68 @@ def release_memory(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
     yield
+
+
+# ---- timing -------------------------------------------------------------------------------------
+
+GPU_CALLS_PER_ROUND = 10
+
+
+def synced(fn, device):
+    """fn followed by a device synchronize (CPU: fn itself)."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+def sync_every(fn, device, calls):
+    """fn, with a synchronize after every `calls`-th call."""
+    counter = itertools.count(1)
+
+    def run():
+        out = fn()
+        if next(counter) % calls == 0:
+            torch.cuda.synchronize(device)
+        return out
+    return run
+
+
+def single_call_ms(fn, device, repeats=5):
+    """Median wall time of one call followed by a synchronize: what a caller waiting on it sees."""
+    fn = synced(fn, device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1e3 * sorted(times)[len(times) // 2], 4)
+
+
+def time_calls(benchmark, fn, device, rounds, warmup):
+    """Times fn with pytest-benchmark; returns extra_info about how.
+
+    CPU: one call per round. GPU: a round is GPU_CALLS_PER_ROUND calls launched back to back and one
+    synchronize at its end (as triton.testing.do_bench does), so the mean per call is the GPU's time
+    per call with the host's launch overhead overlapped, as in a model's forward. The latency of a
+    single call followed by a synchronize is recorded beside it as `sync_call_ms`.
+    """
+    if device.type != "cuda":
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        return {"calls_per_round": 1}
+    calls = GPU_CALLS_PER_ROUND
+    benchmark.pedantic(sync_every(fn, device, calls), rounds=rounds, warmup_rounds=warmup, iterations=calls)
+    return {"calls_per_round": calls, "sync_call_ms": single_call_ms(fn, device)}
+
+
+@pytest.fixture
+def timed(benchmark, device):
+    """timed(fn, rounds, warmup) -> extra_info: time_calls for this benchmark and device."""
+    return lambda fn, rounds, warmup: time_calls(benchmark, fn, device, rounds, warmup)
 
 
 # ---- peak memory --------------------------------------------------------------------------------
@@ -187,7 +251,8 @@ def measure_memory(fn, device):
 
 @pytest.fixture
 def memory_of(device):
-    return lambda fn: measure_memory(fn, device)
+    """memory_of(fn) -> measure_memory of one call of fn, synchronized on GPUs."""
+    return lambda fn: measure_memory(synced(fn, device), device)
 
 
 # ---- results file -------------------------------------------------------------------------------

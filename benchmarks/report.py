@@ -4,7 +4,8 @@
 
 Reads the files conftest.py writes and pytest-benchmark's --benchmark-json output alike (both hold
 a "benchmarks" list with params, extra_info and stats). Speedup is the torch reference backend's
-mean time over this row's, for the same op, config and pass.
+mean time over this row's, for the same op, config and pass. On GPUs "mean ms" is the time per call
+of calls launched back to back; "sync call ms" the latency of one call followed by a synchronize.
 """
 import json
 import sys
@@ -14,7 +15,7 @@ OPS = ("gather", "topk", "lookup", "adam_step")
 CONFIGS = ("smollm2", "large", "large4096")
 PASSES = ("fwd", "bwd", "fwd_bwd")
 BACKENDS = ("torch", "torch_best", "compiled", "cpu", "triton", "cuda")
-COLUMNS = ("op", "config", "pass", "backend", "mean ms", "GB/s", "% peak", "% roofline", "peak MB", "largest alloc MB",
+COLUMNS = ("op", "config", "pass", "backend", "mean ms", "sync call ms", "GB/s", "% peak", "% roofline", "peak MB", "largest alloc MB",
            "speedup vs torch")
 MEASURED = ("gbps", "pct_peak", "pct_roofline", "peak_mb", "largest_alloc_mb")  # extra_info keys
 
@@ -46,7 +47,8 @@ def table(rows):
         ref = reference.get((r["op"], r["config"], r["pass"]))
         info = r["info"]
         measured = [number(info.get(key)) for key in MEASURED]
-        cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2), *measured,
+        cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2),
+                 number(info.get("sync_call_ms"), 2), *measured,
                  f"{ref / r['mean_s']:.2f}x" if ref else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

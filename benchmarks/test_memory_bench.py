@@ -58,7 +58,7 @@ FP32_BYTES = 4
 
 def rounds(device):
     """(warmup rounds, timed rounds): the CPU reference takes seconds per call on 2 cores."""
-    return (1, 3) if device.type == "cpu" else (3, 20)
+    return (1, 3)  # on GPUs a round is conftest.GPU_CALLS_PER_ROUND calls
 
 
 # ---- bytes moved per op -------------------------------------------------------------------------
@@ -325,17 +325,6 @@ def skip_on_oom():
         pytest.skip(f"not implemented in this torch: {str(exc).splitlines()[0]}")
 
 
-def synced(fn, device):
-    if device.type != "cuda":
-        return fn
-
-    def run():
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out
-    return run
-
-
 def run_benchmark(benchmark, request, inputs, fn, nbytes, min_bytes, flops=None):
     """Times fn, measures its memory once more outside the timing, and fills extra_info."""
     device, peak_gbps = request.getfixturevalue("device"), request.getfixturevalue("peak_gbps")
@@ -344,8 +333,7 @@ def run_benchmark(benchmark, request, inputs, fn, nbytes, min_bytes, flops=None)
     op = request.node.originalname.removeprefix("test_")
     benchmark.group = f"{op} {params['config']} {params['pass_']}"
     warmup, timed_rounds = rounds(device)
-    fn = synced(fn, device)
-    benchmark.pedantic(fn, rounds=timed_rounds, warmup_rounds=warmup, iterations=1)
+    timing = request.getfixturevalue("timed")(fn, timed_rounds, warmup)
     memory = request.getfixturevalue("memory_of")(fn)
     seconds = benchmark.stats.stats.mean
     ev = x.values.element_size()
@@ -357,7 +345,7 @@ def run_benchmark(benchmark, request, inputs, fn, nbytes, min_bytes, flops=None)
         n_slots=c.n_slots, unique_rows=x.unique_rows,
         dense_grad_mb=round(c.n_slots * c.d_value * ev / 2**20, 1),
         row_grads_mb=round(x.unique_rows * c.d_value * ev / 2**20, 1),
-        **memory)
+        **timing, **memory)
     if flops is not None:
         benchmark.extra_info["gflops"] = round(flops / seconds / 1e9, 1)
 
