@@ -5,7 +5,8 @@
                                       (when torch has CUDA and nvcc is found)
 
 A family whose sources do not exist yet is skipped. A failed or impossible build leaves the package
-usable: the dispatcher falls back to the pure-PyTorch reference with a one-line notice.
+usable (a failing extension is reported and skipped, the others still build): the dispatcher falls
+back to the pure-PyTorch reference with a one-line notice.
 
 ENGRAM_NO_EXTENSIONS=1 skips all; ENGRAM_CPU_ARCH sets -march (default: native, the machine that
 builds is the machine that runs an install from source).
@@ -36,6 +37,18 @@ def cuda_extension(cpp, family):
     )
 
 
+def build_command(cpp):
+    class BuildEachExtension(cpp.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # one family's failure must not cost the others their build
+                print(f"engram_kernels: WARNING: building {ext.name} failed ({type(exc).__name__}: {exc}); "
+                      "its ops fall back to the torch reference")
+
+    return BuildEachExtension.with_options(no_python_abi_suffix=False)
+
+
 def extensions():
     if os.environ.get("ENGRAM_NO_EXTENSIONS") == "1":
         return [], {}
@@ -52,7 +65,7 @@ def extensions():
             exts.append(cpu_extension(cpp, family))
         if with_cuda and os.path.exists(f"csrc/cuda/{family}.cu"):
             exts.append(cuda_extension(cpp, family))
-    return exts, {"build_ext": cpp.BuildExtension.with_options(no_python_abi_suffix=False)}
+    return exts, {"build_ext": build_command(cpp)}
 
 
 ext_modules, cmdclass = extensions()

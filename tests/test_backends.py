@@ -1,12 +1,15 @@
 """Backend choice: preference order, forcing by environment variable, fallback with a notice."""
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from engram_kernels import backends, weighted_gather
 from engram_kernels.ops.memory import naive
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_tensors_prefer_the_compiled_backend_when_built():
@@ -16,8 +19,11 @@ def test_cpu_tensors_prefer_the_compiled_backend_when_built():
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: the extension cannot be built")
-def test_cpu_extension_is_built_where_a_compiler_exists():
-    assert backends.is_available("cpu", "cpu"), backends.describe("cpu")
+@pytest.mark.parametrize("family", backends.FAMILIES)
+def test_cpu_extension_is_built_where_a_compiler_exists(family):
+    if not (ROOT / "csrc" / "cpu" / f"{family}.cpp").exists():
+        pytest.skip(f"no C++ sources for {family} yet")
+    assert backends.is_available("cpu", "cpu", family), backends.describe("cpu", family)
 
 
 def test_environment_variable_forces_a_backend(monkeypatch):

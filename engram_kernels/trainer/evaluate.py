@@ -696,6 +696,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--budget-s", type=float,
                         help="training seconds per method (default: the memory method's time)")
     parser.add_argument("--json", metavar="OUT", help="write the results as JSON here")
+    parser.add_argument("--plot", metavar="PNG", help="also plot learned vs retained (and a sequential run) here")
     parser.add_argument("--sequential", type=int, default=0, metavar="K",
                         help="also K learns in a row on one memory; report first-batch recall after each")
     defaults, options = LearnConfig(), EvalOptions()
@@ -789,4 +790,7 @@ def run_from_args(args, log=print):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
         log(f"wrote {args.json}")
+    if args.plot:
+        from .plot import plot_reports
+        log(f"wrote {plot_reports([(Path(args.json or args.plot).stem, report)], args.plot)}")
     return 0

@@ -192,7 +192,10 @@ def test_eval_end_to_end_writes_the_documented_json(tmp_path, model_dir, capsys)
 
 
 def test_eval_sequential_on_passages(tmp_path, model_dir, capsys):
-    report = run_eval(tmp_path, model_dir, write_json(tmp_path / "squad.json", PASSAGES), "base", "--sequential", "2")
+    plot = tmp_path / "plot.png"
+    report = run_eval(tmp_path, model_dir, write_json(tmp_path / "squad.json", PASSAGES), "base", "--sequential", "2",
+                      "--plot", str(plot))
+    assert plot.read_bytes().startswith(b"\x89PNG")
     assert report["kind"] == "squad" and report["questions"] == 3
     sequential = report["sequential"]
     assert sequential["batches"] == 2 and len(sequential["first_batch_recall"]) == 2
