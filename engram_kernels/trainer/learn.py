@@ -1,7 +1,8 @@
 """Sparse memory finetuning: write training examples into the memory layers of a frozen model.
 
-Per batch: count which memory slots the batch reads, rank them by TF-IDF against background counts
-(slots.py), and let only the top-t slots of each layer change through the fused sparse Adam step.
+Per batch: count which memory slots the batch reads where it predicts target tokens, rank them by
+TF-IDF against background counts (slots.py), and let only the top-t slots of each layer change
+through the fused sparse Adam step.
 Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
 only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
 plus optional context distillation: the base model with the source document in its prompt is the
@@ -74,6 +75,13 @@ def target_labels(batch, ids):
     return labels
 
 
+def predicts_target(batch, ids):
+    """(B, T) bool: positions whose output predicts a target token (position p predicts token p+1)."""
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, :-1] = target_labels(batch, ids)[:, 1:] != IGNORE
+    return mask
+
+
 def target_token_losses(logits, batch, ids):
     """Next-token cross-entropy per position, (B, T-1), zero where not a target token."""
     return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target_labels(batch, ids)[:, 1:],
@@ -114,6 +122,15 @@ def _distill_loss(logits, batch, teachers):
         teacher = t_logp[:n].to(span.device).log_softmax(-1)
         losses.append((teacher.exp() * (teacher - student.log_softmax(-1))).sum(-1).mean())
     return torch.stack(losses).mean()
+
+
+def _target_loss_at_targets(model, ids, mask, batch, predicting):
+    """target_loss with logits computed only in the columns where some row predicts a target: the
+    vocabulary projection over every prompt position is a fifth of a small model's forward."""
+    columns = predicting.any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=columns).logits
+    labels = target_labels(batch, ids)[:, columns + 1]
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE)
 
 
 def _train_values_only(model):
@@ -165,12 +182,18 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
             picked = order[first:first + config.batch_size]
             batch = [encoded[i] for i in picked]
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
+            predicting = predicts_target(batch, ids)
             with SlotCounter(model) as counter:
-                counter.token_mask = mask.flatten().bool()  # padding reads slots too; it must not rank them
-                logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = target_loss(logits, batch, ids)
-            if distill:
-                loss = loss + config.distill_weight * _distill_loss(logits, batch, [teachers[i] for i in picked])
+                # Only the slots read where a target token is predicted rank. Prompt positions (the
+                # chat template above all, read by every question) would otherwise top the ranking
+                # and their slots, shared with every other prompt, would be rewritten.
+                counter.token_mask = predicting.flatten()
+                if distill:
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+                    loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(
+                        logits, batch, [teachers[i] for i in picked])
+                else:
+                    loss = _target_loss_at_targets(model, ids, mask, batch, predicting)
             masks = tfidf_allow_masks(counter.counts, background, config.top_t)
             for layer, memory in layers.items():
                 optimizer.set_allow_mask(memory.values, masks[layer].to(device))
