@@ -3,7 +3,8 @@ then measure what each learned and what it forgot.
 
 Methods (each starts from a fresh copy of the base model):
     memory       sparse memory finetuning of new memory layers (this package: learn.train_memory)
-    lora         peft LoRA, r=32 on all linear layers, AdamW lr 1e-3
+    lora         LoRA, r=32 on all linear layers, AdamW lr 1e-3: peft's (default) or, with
+                 --lora-impl engram, this package's fused LoRALinear (integrations.apply_lora)
     lora_replay  the same with background text sampled from the base model mixed into every batch
     full         full fine-tuning, AdamW lr 1e-5
     rag          no training: the top-2 BM25 passages of the learned documents in the prompt
@@ -43,6 +44,7 @@ from .slots import BACKGROUND_PROMPTS, background_counts
 METHODS = ("memory", "lora", "lora_replay", "full", "rag", "base")
 TRAINED = ("memory", "lora", "lora_replay", "full")
 LORA_R, LORA_ALPHA = 32, 32
+LORA_IMPLS = ("peft", "engram")
 ROUGE_PASS = 0.5  # a TOFU question counts as answered at this ROUGE-L recall
 RAG_TEMPLATE = "Use these passages to answer the question.\n\n{passages}\n\nQuestion: {question}"
 
@@ -340,21 +342,22 @@ def fresh_memory_model(base, tokenizer, memory_config, layers=None, background=N
 
 
 def train_memory_method(base, tokenizer, examples, config, memory_config, layers=None, budget_s=None,
-                        background=None, seed=0):
+                        background=None, seed=0, replay=None):
     """Fresh memory layers on a copy of `base`, trained by train_memory: for config.epochs, or with
-    `budget_s` for as many epochs as fit in that many seconds."""
+    `budget_s` for as many epochs as fit in that many seconds. `replay`: background examples that
+    train_memory mixes into each batch (config.replay_per_batch of them)."""
     model, background = fresh_memory_model(base, tokenizer, memory_config, layers, background, seed)
     trained = Trained(model, extra_bytes=_bytes(memory_parameters(model)))
     if not examples:
         return trained
     if budget_s is None:
-        stats = train_memory(model, tokenizer, examples, background, config)
+        stats = train_memory(model, tokenizer, examples, background, config, replay=replay)
         trained.train_s, trained.steps, trained.tokens = stats.seconds, stats.steps, stats.tokens
         return trained
-    return _train_memory_for(trained, tokenizer, examples, background, config, budget_s)
+    return _train_memory_for(trained, tokenizer, examples, background, config, budget_s, replay)
 
 
-def _train_memory_for(trained, tokenizer, examples, background, config, budget_s):
+def _train_memory_for(trained, tokenizer, examples, background, config, budget_s, replay=None):
     # train_memory has no time limit: its progress callback ends the loop once the budget is spent.
     seen = {"steps": 0, "tokens_per_s": 0.0}
     start = time.perf_counter()
@@ -366,7 +369,7 @@ def _train_memory_for(trained, tokenizer, examples, background, config, budget_s
 
     try:
         train_memory(trained.model, tokenizer, examples, background,
-                     dataclasses.replace(config, epochs=10 ** 9), progress=progress)
+                     dataclasses.replace(config, epochs=10 ** 9), progress=progress, replay=replay)
     except _BudgetSpent:
         trained.model.eval()
         freeze(trained.model)
@@ -414,11 +417,23 @@ def peft_available():
     return True
 
 
-def train_lora_method(base, tokenizer, examples, config, budget_s, lr=1e-3, replay=(), replay_per_batch=0):
+def lora_model(base, impl="peft"):
+    """A frozen copy of `base` with rank-LORA_R adapters on every linear layer but the head: peft's, or
+    this package's fused LoRALinear (same initialization and math; saves in peft's format)."""
+    if impl == "engram":
+        from ..integrations import apply_lora
+        return apply_lora(freeze(copy.deepcopy(base)), r=LORA_R, alpha=LORA_ALPHA, dropout=0.0)
+    if impl != "peft":
+        raise ValueError(f"unknown LoRA implementation {impl!r}; expected one of {LORA_IMPLS}")
     from peft import LoraConfig, get_peft_model
     lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    model = get_peft_model(freeze(copy.deepcopy(base)), lora)
+    return get_peft_model(freeze(copy.deepcopy(base)), lora)
+
+
+def train_lora_method(base, tokenizer, examples, config, budget_s, lr=1e-3, replay=(), replay_per_batch=0,
+                      impl="peft"):
+    model = lora_model(base, impl)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     seconds, steps, tokens = train_for(model, tokenizer, examples, optimizer, config, budget_s, replay,
@@ -481,6 +496,7 @@ class EvalOptions:
     max_new_tokens: int = None       # None: 64 for facts (full-sentence answers), 32 for passages
     retention_max_new_tokens: int = 32
     lora_lr: float = 1e-3
+    lora_impl: str = "peft"          # "engram": the fused LoRALinear of this package
     full_lr: float = 1e-5
     rag_top_k: int = 2
     answer_batch_size: int = 16
@@ -549,18 +565,26 @@ class Harness:
 
     # -- methods
 
+    def replay_examples(self, learn=None):
+        """Background text sampled once from the base model (cached); None for a memory run without replay."""
+        if learn is not None and not learn.replay_per_batch:
+            return None
+        o = self.options
+        return sample_background_examples(self.base, self.tokenizer, o.background_sequences, o.background_len,
+                                          o.seed, self.replay_cache)
+
     def train(self, method, budget_s):
         o = self.options
         if method == "memory":
             return train_memory_method(self.base, self.tokenizer, self.examples, o.learn, o.memory, o.layers,
-                                       budget_s, self.background, o.seed)
+                                       budget_s, self.background, o.seed, self.replay_examples(o.learn))
         if method == "lora":
-            return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr)
-        if method == "lora_replay":
-            replay = sample_background_examples(self.base, self.tokenizer, o.background_sequences, o.background_len,
-                                                o.seed, self.replay_cache)
             return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
-                                     replay, replay_per_batch=max(1, o.learn.batch_size // 2))
+                                     impl=o.lora_impl)
+        if method == "lora_replay":
+            return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
+                                     self.replay_examples(), replay_per_batch=max(1, o.learn.batch_size // 2),
+                                     impl=o.lora_impl)
         if method == "full":
             return train_full_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.full_lr)
         if method == "rag":
@@ -609,7 +633,7 @@ class Harness:
                      f"questions ({time.perf_counter() - start:.1f} s)")
         results = {}
         for method in sorted(methods, key=lambda m: m != "memory"):  # memory first: it sets the budget
-            if method in ("lora", "lora_replay") and not peft_available():
+            if method in ("lora", "lora_replay") and self.options.lora_impl == "peft" and not peft_available():
                 self.log(f"skipping {method}: peft is not installed (pip install peft)")
                 results[method] = {"skipped": "peft is not installed"}
                 continue
@@ -635,7 +659,8 @@ class Harness:
         steps = []
         for index, group in enumerate(groups, 1):
             examples = self.training_examples([self.data.documents[i] for i in group])
-            stats = train_memory(model, self.tokenizer, examples, background, o.learn)
+            stats = train_memory(model, self.tokenizer, examples, background, o.learn,
+                                 replay=self.replay_examples(o.learn))
             first = self.score_learned(trained, first_questions)[0]
             current = self.score_learned(trained, [q for q in self.data.questions if q.item in group])[0]
             steps.append({"learn": index, "items": len(group), "train_s": round(stats.seconds, 2),
@@ -709,7 +734,11 @@ def add_eval_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-len", type=int, default=defaults.max_len)
     parser.add_argument("--distill", type=float, default=defaults.distill_weight)
+    parser.add_argument("--memory-replay", type=int, default=defaults.replay_per_batch,
+                        help="background examples mixed into every memory batch (0: none)")
     parser.add_argument("--lora-lr", type=float, default=options.lora_lr)
+    parser.add_argument("--lora-impl", choices=LORA_IMPLS, default=options.lora_impl,
+                        help="LoRA layers: peft's, or engram's fused LoRALinear")
     parser.add_argument("--full-lr", type=float, default=options.full_lr)
     parser.add_argument("--chunk-tokens", type=int, default=options.chunk_tokens,
                         help="passage size for RAG; training examples use chunks of at most max-len - 8 tokens")
@@ -734,11 +763,13 @@ def options_from_args(args):
     if args.budget_s is not None and args.budget_s <= 0:
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
     learn = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                        max_len=args.max_len, distill_weight=args.distill, seed=args.seed)
+                        max_len=args.max_len, distill_weight=args.distill,
+                        replay_per_batch=args.memory_replay, seed=args.seed)
     memory = {name: getattr(args, name) for name in EvalOptions().memory}
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     return EvalOptions(methods=methods, budget_s=args.budget_s, learn=learn, memory=memory, layers=layers,
                        chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens, lora_lr=args.lora_lr,
+                       lora_impl=getattr(args, "lora_impl", "peft"),
                        full_lr=args.full_lr, sequential=args.sequential, background_sequences=args.background_sequences,
                        background_len=args.background_len, seed=args.seed)
 

@@ -32,6 +32,7 @@ class LearnConfig:
     max_len: int = 128
     distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
     distill_top_k: int = 32      # teacher log-probs kept per target token
+    replay_per_batch: int = 0    # background (replay) examples added to every batch, when replay is given
     seed: int = 0
 
 
@@ -159,14 +160,19 @@ class LearnStats:
         return {**dataclasses.asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
-def train_memory(model, tokenizer, examples, background, config=LearnConfig(), progress=None):
+def train_memory(model, tokenizer, examples, background, config=LearnConfig(), progress=None, replay=None):
     """Train the memory values of `model` on `examples`; returns LearnStats. `background` is
-    {layer: access counts} from slots.background_counts; `progress(step, total, loss, tok_per_s)`."""
+    {layer: access counts} from slots.background_counts; `progress(step, total, loss, tok_per_s)`.
+
+    `replay`: examples of background text (the model's own) of which config.replay_per_batch join
+    every batch. Their slot reads do not rank; their loss pulls back allowed slots that also serve
+    background text, so interference is trained away where it happens."""
     if not memory_layers(model):
         raise ValueError("model has no memory layers: add_memory_layers(model, ...) first")
     device = next(model.parameters()).device
     distill = config.distill_weight > 0
     encoded = [encode(tokenizer, e, config.max_len, with_teacher=distill) for e in examples]
+    replayed = [encode(tokenizer, e, config.max_len) for e in replay or ()] if config.replay_per_batch else []
     teachers = teacher_targets(model, tokenizer, encoded, config.distill_top_k) if distill else [None] * len(encoded)
     values = _train_values_only(model)
     optimizer = FusedSparseAdam(values, lr=config.lr)
@@ -181,13 +187,17 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
         for first in range(0, len(order), config.batch_size):
             picked = order[first:first + config.batch_size]
             batch = [encoded[i] for i in picked]
+            new_rows = len(batch)
+            if replayed and not distill:
+                batch += rng.sample(replayed, min(config.replay_per_batch, len(replayed)))
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
             predicting = predicts_target(batch, ids)
             with SlotCounter(model) as counter:
                 # Only the slots read where a target token is predicted rank. Prompt positions (the
                 # chat template above all, read by every question) would otherwise top the ranking
                 # and their slots, shared with every other prompt, would be rewritten.
-                counter.token_mask = predicting.flatten()
+                is_new = torch.arange(len(batch), device=device)[:, None] < new_rows
+                counter.token_mask = (predicting & is_new).flatten()
                 if distill:
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(
