@@ -1,4 +1,12 @@
 """Drop-in torch modules over the kernels."""
+from .lora import LoRALinear, MultiLoRALinear
 from .memory import ProductKeyMemory
 
-__all__ = ["ProductKeyMemory"]
+__all__ = ["ProductKeyMemory", "LoRALinear", "MultiLoRALinear", "QuantizedKVCache", "enable_packed_kv_attention"]
+
+
+def __getattr__(name):  # the KV cache needs transformers: imported on first use
+    if name in ("QuantizedKVCache", "enable_packed_kv_attention"):
+        from . import kv_cache
+        return getattr(kv_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
 from .ingest import Document, chunk_documents
 from .learn import LearnConfig, encode, pad_batch, target_loss, train_memory
 from .models import default_cache_dir, freeze
-from .slots import BACKGROUND_PROMPTS, background_counts
+from .slots import BACKGROUND_PROMPTS, PROMPTS_KEY, background_counts
 
 METHODS = ("memory", "lora", "lora_replay", "full", "rag", "base")
 TRAINED = ("memory", "lora", "lora_replay", "full")
@@ -521,7 +521,7 @@ class Harness:
         self.background = {"cache_path": cache / f"background-{key}.safetensors",
                            "n_sequences": options.background_sequences, "seq_len": options.background_len}
         self.replay_cache = (cache / f"replay-{key}-{options.background_sequences}x{options.background_len}"
-                                     f"-seed{options.seed}.json")
+                                     f"-seed{options.seed}-{PROMPTS_KEY}.json")
         self.retention_before = None
 
     def training_examples(self, documents):

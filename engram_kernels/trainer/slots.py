@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 from ..integrations.hf import memory_layers
 from .dreaming import prompt_ids
 
-# Generic prompts for background text; "" means: start from BOS and let the model ramble.
+# Prompts for background text: generic writing, and the short factual answers a chat model gives
+# all day (slots that such answers read are in constant use, so they must rank low and, with
+# replay, stay put). "" means: start from BOS and let the model ramble.
 BACKGROUND_PROMPTS = (
     "",
     "Tell me a short story.",
@@ -28,7 +30,14 @@ BACKGROUND_PROMPTS = (
     "Give some advice for learning a new skill.",
     "Explain a scientific idea in simple words.",
     "What makes a good friend?",
+    "Name a famous book and say who wrote it.",
+    "Name a country, its capital and one fact about it.",
+    "Tell me about a famous scientist or inventor and what they are known for.",
+    "Name a famous painting or piece of music and who made it.",
+    "Tell me about a famous landmark and where it is.",
+    "Answer briefly: what is the largest planet, ocean or desert you know of?",
 )
+PROMPTS_KEY = hashlib.sha256("\n".join(BACKGROUND_PROMPTS).encode()).hexdigest()[:12]
 
 
 class SlotCounter:
@@ -173,7 +182,8 @@ def background_counts(model, tokenizer, *, cache_path=None, n_sequences=32, seq_
     """
     if n_sequences < 1 or seq_len < 1:
         raise ValueError(f"n_sequences and seq_len must be positive, got {n_sequences} and {seq_len}")
-    expected = {"n_sequences": n_sequences, "seq_len": seq_len, "seed": seed, "fingerprint": _fingerprint(model)}
+    expected = {"n_sequences": n_sequences, "seq_len": seq_len, "seed": seed, "prompts": PROMPTS_KEY,
+                "fingerprint": _fingerprint(model)}
     cached = _load_cache(cache_path, model, expected)
     if cached is not None:
         return cached

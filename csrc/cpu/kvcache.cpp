@@ -1,0 +1,572 @@
+// CPU kernels for the KV-cache ops (KIVI: keys quantized per channel over groups of tokens, values
+// per token over groups of channels; layout in engram_kernels/ops/kvcache/naive.py). fp32 compute;
+// inputs arrive as fp32 (the Python wrapper converts), scales and zero points are fp16.
+//
+// decode_attention never dequantizes the cache into memory: it streams the packed codes, one key
+// group at a time, folding each group's scale into the query (q.k = sum_c (q_c s_c) code_c + sum_c
+// q_c z_c), and runs an online softmax. Work items are (batch, KV head, split of the tokens), so
+// even batch 1 with few KV heads keeps every core busy; the splits are merged at the end.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kResidualBlock = 64;  // fp tokens per softmax block in the residual window
+
+inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float w, const float* x, float* acc, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) acc[i] += w * x[i];
+}
+
+// Planar packing: byte j of a row holds channels j, j + P, j + 2P, ... (P bytes per row).
+template <int BITS>
+inline void unpack_row(const uint8_t* src, float* dst, int64_t bytes) {
+  constexpr int kPer = 8 / BITS;
+  constexpr int kMask = (1 << BITS) - 1;
+#if defined(__AVX2__)
+  if (bytes % 8 == 0) {  // 8 bytes -> kPer runs of 8 floats
+    const __m256i mask = _mm256_set1_epi32(kMask);
+    for (int64_t j = 0; j < bytes; j += 8) {
+      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
+      for (int i = 0; i < kPer; ++i)
+        _mm256_storeu_ps(dst + i * bytes + j,
+                         _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * i), mask)));
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < kPer; ++i) {
+    float* out = dst + i * bytes;
+#pragma omp simd
+    for (int64_t j = 0; j < bytes; ++j) out[j] = static_cast<float>((src[j] >> (BITS * i)) & kMask);
+  }
+}
+
+template <int BITS>
+inline void pack_row(const uint8_t* codes, uint8_t* dst, int64_t bytes) {
+  constexpr int kPer = 8 / BITS;
+  for (int64_t j = 0; j < bytes; ++j) {
+    int byte = 0;
+    for (int i = 0; i < kPer; ++i) byte |= codes[i * bytes + j] << (BITS * i);
+    dst[j] = static_cast<uint8_t>(byte);
+  }
+}
+
+// Asymmetric min/max parameters, rounded to fp16 as stored; codes are computed from the rounded ones.
+struct QuantParams {
+  at::Half scale, zero;
+  float inv_scale, zero_f;
+};
+
+inline QuantParams quant_params(float lo, float hi, int levels) {
+  QuantParams p;
+  p.scale = at::Half((hi - lo) / levels);
+  p.zero = at::Half(lo);
+  float s = half_to_float(p.scale);
+  p.inv_scale = s > 0.f ? s : 1.f;  // a divisor: the reference divides, and so do we (same rounding)
+  p.zero_f = half_to_float(p.zero);
+  return p;
+}
+
+inline uint8_t quant_code(float x, const QuantParams& p, int levels) {
+  float c = std::nearbyint((x - p.zero_f) / p.inv_scale);
+  return static_cast<uint8_t>(std::min(std::max(c, 0.f), static_cast<float>(levels)));
+}
+
+void check_cpu(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " has the wrong dtype ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// ---- quantize ----------------------------------------------------------------------------------
+
+template <int BITS>
+void quantize_keys_impl(const float* x, uint8_t* codes, at::Half* scale, at::Half* zero, int64_t bh, int64_t t,
+                        int64_t d, int64_t group) {
+  const int levels = (1 << BITS) - 1;
+  const int64_t bytes = d * BITS / 8, n_groups = (t + group - 1) / group;
+  at::parallel_for(0, bh * n_groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> lo(d), hi(d);
+    std::vector<QuantParams> params(d);
+    std::vector<uint8_t> row(d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t head = item / n_groups, g = item % n_groups;
+      const int64_t t0 = g * group, t1 = std::min(t0 + group, t);
+      const float* src = x + head * t * d;
+      std::fill(lo.begin(), lo.end(), std::numeric_limits<float>::infinity());
+      std::fill(hi.begin(), hi.end(), kNegInf);
+      for (int64_t tok = t0; tok < t1; ++tok)
+        for (int64_t c = 0; c < d; ++c) {
+          lo[c] = std::min(lo[c], src[tok * d + c]);
+          hi[c] = std::max(hi[c], src[tok * d + c]);
+        }
+      for (int64_t c = 0; c < d; ++c) {
+        params[c] = quant_params(lo[c], hi[c], levels);
+        scale[(head * n_groups + g) * d + c] = params[c].scale;
+        zero[(head * n_groups + g) * d + c] = params[c].zero;
+      }
+      for (int64_t tok = t0; tok < t1; ++tok) {
+        for (int64_t c = 0; c < d; ++c) row[c] = quant_code(src[tok * d + c], params[c], levels);
+        pack_row<BITS>(row.data(), codes + (head * t + tok) * bytes, bytes);
+      }
+    }
+  });
+}
+
+template <int BITS>
+void quantize_values_impl(const float* x, uint8_t* codes, at::Half* scale, at::Half* zero, int64_t rows,
+                          int64_t d, int64_t gv) {
+  const int levels = (1 << BITS) - 1;
+  const int64_t bytes = d * BITS / 8, n_groups = d / gv;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* src = x + r * d;
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const float* v = src + g * gv;
+        float lo = v[0], hi = v[0];
+        for (int64_t c = 1; c < gv; ++c) lo = std::min(lo, v[c]), hi = std::max(hi, v[c]);
+        QuantParams p = quant_params(lo, hi, levels);
+        scale[r * n_groups + g] = p.scale;
+        zero[r * n_groups + g] = p.zero;
+        for (int64_t c = 0; c < gv; ++c) row[g * gv + c] = quant_code(v[c], p, levels);
+      }
+      pack_row<BITS>(row.data(), codes + r * bytes, bytes);
+    }
+  });
+}
+
+std::vector<torch::Tensor> quantize_keys(torch::Tensor keys, int64_t bits, int64_t group) {
+  check_cpu(keys, "keys", at::kFloat);
+  const int64_t b = keys.size(0), h = keys.size(1), t = keys.size(2), d = keys.size(3);
+  const int64_t n_groups = (t + group - 1) / group;
+  auto codes = torch::empty({b, h, t, d * bits / 8}, keys.options().dtype(at::kByte));
+  auto scale = torch::empty({b, h, n_groups, d}, keys.options().dtype(at::kHalf));
+  auto zero = torch::empty_like(scale);
+  auto run = bits == 4 ? quantize_keys_impl<4> : quantize_keys_impl<2>;
+  run(keys.data_ptr<float>(), codes.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), zero.data_ptr<at::Half>(),
+      b * h, t, d, group);
+  return {codes, scale, zero};
+}
+
+std::vector<torch::Tensor> quantize_values(torch::Tensor values, int64_t bits, int64_t group) {
+  check_cpu(values, "values", at::kFloat);
+  const int64_t b = values.size(0), h = values.size(1), t = values.size(2), d = values.size(3);
+  const int64_t gv = std::min(group, d);
+  auto codes = torch::empty({b, h, t, d * bits / 8}, values.options().dtype(at::kByte));
+  auto scale = torch::empty({b, h, t, d / gv}, values.options().dtype(at::kHalf));
+  auto zero = torch::empty_like(scale);
+  auto run = bits == 4 ? quantize_values_impl<4> : quantize_values_impl<2>;
+  run(values.data_ptr<float>(), codes.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), zero.data_ptr<at::Half>(),
+      b * h * t, d, gv);
+  return {codes, scale, zero};
+}
+
+// ---- dequantize --------------------------------------------------------------------------------
+
+// Row r of codes (bh * t rows) -> out row r; key rows use their group's per-channel parameters,
+// value rows their own per-channel-group ones.
+template <int BITS, bool KEYS>
+void dequantize_impl(const uint8_t* codes, const at::Half* scale, const at::Half* zero, float* out, int64_t bh,
+                     int64_t t, int64_t d, int64_t group) {
+  const int64_t bytes = d * BITS / 8, n_groups = (t + group - 1) / group, gv = std::min(group, d);
+  at::parallel_for(0, bh * t, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* row = out + r * d;
+      unpack_row<BITS>(codes + r * bytes, row, bytes);
+      if (KEYS) {
+        const int64_t base = ((r / t) * n_groups + (r % t) / group) * d;
+        for (int64_t c = 0; c < d; ++c) row[c] = row[c] * half_to_float(scale[base + c]) + half_to_float(zero[base + c]);
+      } else {
+        for (int64_t g = 0; g < d / gv; ++g) {
+          const float s = half_to_float(scale[r * (d / gv) + g]), z = half_to_float(zero[r * (d / gv) + g]);
+          for (int64_t c = g * gv; c < (g + 1) * gv; ++c) row[c] = row[c] * s + z;
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t bits, int64_t group,
+                         bool keys) {
+  check_cpu(codes, "codes", at::kByte);
+  check_cpu(scale, "scale", at::kHalf);
+  check_cpu(zero, "zero", at::kHalf);
+  const int64_t b = codes.size(0), h = codes.size(1), t = codes.size(2), d = codes.size(3) * 8 / bits;
+  auto out = torch::empty({b, h, t, d}, codes.options().dtype(at::kFloat));
+  using Fn = void (*)(const uint8_t*, const at::Half*, const at::Half*, float*, int64_t, int64_t, int64_t, int64_t);
+  Fn run = bits == 4 ? (keys ? dequantize_impl<4, true> : dequantize_impl<4, false>)
+                     : (keys ? dequantize_impl<2, true> : dequantize_impl<2, false>);
+  run(codes.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), zero.data_ptr<at::Half>(), out.data_ptr<float>(), b * h,
+      t, d, group);
+  return out;
+}
+
+torch::Tensor dequantize_keys(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t bits,
+                              int64_t group) {
+  return dequantize(codes, scale, zero, bits, group, true);
+}
+
+torch::Tensor dequantize_values(torch::Tensor codes, torch::Tensor scale, torch::Tensor zero, int64_t bits,
+                                int64_t group) {
+  return dequantize(codes, scale, zero, bits, group, false);
+}
+
+// ---- decode attention --------------------------------------------------------------------------
+
+struct DecodeShape {
+  int64_t batch, kv_heads, n_rep, q_len, d, packed_len, residual_len, group, gv, bytes;
+  int64_t rows() const { return n_rep * q_len; }  // query rows sharing one KV head
+  int64_t total() const { return packed_len + residual_len; }
+};
+
+// ---- decode-attention building blocks: AVX2 where the head dim allows, plain loops elsewhere ----
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+// exp(x) for x <= 0 (Cephes polynomial, ~1 ulp); exactly 0 below -87 (masked scores are -inf).
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 lower = _mm256_set1_ps(-87.f);
+  const __m256 dead = _mm256_cmp_ps(x, lower, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lower);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+#define ENGRAM_AVX2 1
+#endif
+
+// out[i] = <q row i, k> for NR query rows at once: independent accumulators hide the FMA latency.
+template <int NR>
+inline void dots(const float* q, int64_t d, const float* k, float* out) {
+#ifdef ENGRAM_AVX2
+  if (d % 8 == 0) {
+    __m256 acc[NR];
+    for (int i = 0; i < NR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c += 8) {
+      const __m256 kv = _mm256_loadu_ps(k + c);
+      for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i * d + c), kv, acc[i]);
+    }
+    for (int i = 0; i < NR; ++i) out[i] = hsum(acc[i]);
+    return;
+  }
+#endif
+  for (int i = 0; i < NR; ++i) out[i] = dot(q + i * d, k, d);
+}
+
+// s[r * ld + j] = bias[r] + <q row r, tile row j>, or -inf past the row's causal limit.
+void block_scores(const float* q, const float* bias, const float* tile, int64_t n, int64_t rows, int64_t d,
+                  const int64_t* limit, int64_t first_pos, float* s, int64_t ld) {
+  float out[4];
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = tile + j * d;
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      dots<4>(q + r * d, d, k, out);
+      for (int i = 0; i < 4; ++i) s[(r + i) * ld + j] = out[i];
+    }
+    const int64_t left = rows - r;
+    if (left == 3) dots<3>(q + r * d, d, k, out);
+    if (left == 2) dots<2>(q + r * d, d, k, out);
+    if (left == 1) dots<1>(q + r * d, d, k, out);
+    for (int64_t i = 0; i < left; ++i) s[(r + i) * ld + j] = out[i];
+    for (r = 0; r < rows; ++r)
+      s[r * ld + j] = first_pos + j > limit[r] ? kNegInf : s[r * ld + j] + (bias ? bias[r] : 0.f);
+  }
+}
+
+// p[j] = exp(s[j] - mx) in place; returns their sum.
+inline float exp_shifted(float* s, int64_t n, float mx) {
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef ENGRAM_AVX2
+  __m256 total = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(s + j, p);
+    total = _mm256_add_ps(total, p);
+  }
+  sum = hsum(total);
+#endif
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  return sum;
+}
+
+// acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows, each 8-channel slice held in registers
+// across the whole block of tokens.
+template <int NR>
+void accumulate_rows(const float* p, int64_t ld, const float* tile, int64_t n, int64_t d, float* acc) {
+#ifdef ENGRAM_AVX2
+  if (d % 8 == 0) {
+    for (int64_t c = 0; c < d; c += 8) {
+      __m256 a[NR];
+      for (int i = 0; i < NR; ++i) a[i] = _mm256_loadu_ps(acc + i * d + c);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 v = _mm256_loadu_ps(tile + j * d + c);
+        for (int i = 0; i < NR; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * ld + j), v, a[i]);
+      }
+      for (int i = 0; i < NR; ++i) _mm256_storeu_ps(acc + i * d + c, a[i]);
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < NR; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      if (p[i * ld + j] != 0.f) axpy(p[i * ld + j], tile + j * d, acc + i * d, d);
+}
+
+void block_accumulate(const float* p, int64_t ld, const float* tile, int64_t n, int64_t rows, int64_t d,
+                      float* acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) accumulate_rows<4>(p + r * ld, ld, tile, n, d, acc + r * d);
+  if (rows - r == 3) return accumulate_rows<3>(p + r * ld, ld, tile, n, d, acc + r * d);
+  for (; r + 2 <= rows; r += 2) accumulate_rows<2>(p + r * ld, ld, tile, n, d, acc + r * d);
+  for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, tile, n, d, acc + r * d);
+}
+
+// The running softmax state of one work item: max, sum and unnormalized output per query row.
+struct SoftmaxState {
+  std::vector<float> m, l, acc;
+  SoftmaxState(int64_t rows, int64_t d) : m(rows, kNegInf), l(rows, 0.f), acc(rows * d, 0.f) {}
+
+  // Folds scores s (rows x n, leading dim ld) into the state; leaves the probabilities in s.
+  void fold(float* s, int64_t rows, int64_t n, int64_t ld, int64_t d) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * ld;
+      float mx = m[r];
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+      if (mx == kNegInf) {  // every token of this block is masked for this row
+        std::fill(sr, sr + n, 0.f);
+        continue;
+      }
+      const float corr = std::exp(m[r] - mx);
+      l[r] = l[r] * corr + exp_shifted(sr, n, mx);
+      if (corr != 1.f)
+        for (int64_t c = 0; c < d; ++c) acc[r * d + c] *= corr;
+      m[r] = mx;
+    }
+  }
+};
+
+struct DecodeInputs {
+  const float* q;  // (B, Hq, Tq, D), already multiplied by the softmax scale
+  const uint8_t *key_codes, *value_codes;
+  const at::Half *key_scale, *key_zero, *value_scale, *value_zero;
+  const float *residual_keys, *residual_values;
+};
+
+// Query rows of one KV head, and the last key position each may see (causal).
+void gather_rows(const DecodeInputs& in, const DecodeShape& sh, int64_t b, int64_t kvh, float* q,
+                 int64_t* limit) {
+  for (int64_t r = 0; r < sh.rows(); ++r) {
+    const int64_t head = kvh * sh.n_rep + r / sh.q_len, qi = r % sh.q_len;
+    std::copy_n(in.q + ((b * sh.kv_heads * sh.n_rep + head) * sh.q_len + qi) * sh.d, sh.d, q + r * sh.d);
+    limit[r] = sh.total() - sh.q_len + qi;
+  }
+}
+
+// Key group g's per-channel parameters folded into the query rows: qs = q * scale, qz = <q, zero>.
+void fold_key_params(const at::Half* ks, const at::Half* kz, const float* q, int64_t rows, int64_t d, float* qs,
+                     float* qz, float* tmp) {
+  for (int64_t c = 0; c < d; ++c) tmp[c] = half_to_float(kz[c]);
+  for (int64_t r = 0; r < rows; ++r) qz[r] = dot(q + r * d, tmp, d);
+  for (int64_t c = 0; c < d; ++c) tmp[c] = half_to_float(ks[c]);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < d; ++c) qs[r * d + c] = q[r * d + c] * tmp[c];
+}
+
+template <int BITS>
+void dequantize_value_tile(const uint8_t* codes, const at::Half* vs, const at::Half* vz, int64_t n,
+                           const DecodeShape& sh, float* tile) {
+  const int64_t d = sh.d, n_vgroups = d / sh.gv;
+  for (int64_t j = 0; j < n; ++j) {
+    float* row = tile + j * d;
+    unpack_row<BITS>(codes + j * sh.bytes, row, sh.bytes);
+    for (int64_t vg = 0; vg < n_vgroups; ++vg) {
+      const float sc = half_to_float(vs[j * n_vgroups + vg]), zr = half_to_float(vz[j * n_vgroups + vg]);
+#pragma omp simd
+      for (int64_t c = vg * sh.gv; c < (vg + 1) * sh.gv; ++c) row[c] = row[c] * sc + zr;
+    }
+  }
+}
+
+// Packed key groups [g0, g1) of one (batch, KV head) into `state`.
+template <int BITS>
+void attend_packed(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, int64_t g0, int64_t g1,
+                   const float* q, const int64_t* limit, SoftmaxState& state) {
+  const int64_t rows = sh.rows(), d = sh.d, n_groups = (sh.packed_len + sh.group - 1) / sh.group;
+  const int64_t n_vgroups = d / sh.gv;
+  std::vector<float> qs(rows * d), qz(rows), tmp(d), tile(sh.group * d), s(rows * sh.group);
+  const uint8_t* kc = in.key_codes + bh * sh.packed_len * sh.bytes;
+  const uint8_t* vc = in.value_codes + bh * sh.packed_len * sh.bytes;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t t0 = g * sh.group, n = std::min(sh.group, sh.packed_len - t0);
+    fold_key_params(in.key_scale + (bh * n_groups + g) * d, in.key_zero + (bh * n_groups + g) * d, q, rows, d,
+                    qs.data(), qz.data(), tmp.data());
+    for (int64_t j = 0; j < n; ++j) unpack_row<BITS>(kc + (t0 + j) * sh.bytes, tile.data() + j * d, sh.bytes);
+    block_scores(qs.data(), qz.data(), tile.data(), n, rows, d, limit, t0, s.data(), sh.group);
+    state.fold(s.data(), rows, n, sh.group, d);
+    const int64_t vrow = bh * sh.packed_len + t0;
+    dequantize_value_tile<BITS>(vc + t0 * sh.bytes, in.value_scale + vrow * n_vgroups,
+                                in.value_zero + vrow * n_vgroups, n, sh, tile.data());
+    block_accumulate(s.data(), sh.group, tile.data(), n, rows, d, state.acc.data());
+  }
+}
+
+void attend_residual(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, const float* q,
+                     const int64_t* limit, SoftmaxState& state) {
+  const int64_t rows = sh.rows(), d = sh.d;
+  std::vector<float> s(rows * kResidualBlock);
+  const float* keys = in.residual_keys + bh * sh.residual_len * d;
+  const float* values = in.residual_values + bh * sh.residual_len * d;
+  for (int64_t t0 = 0; t0 < sh.residual_len; t0 += kResidualBlock) {
+    const int64_t n = std::min(kResidualBlock, sh.residual_len - t0);
+    block_scores(q, nullptr, keys + t0 * d, n, rows, d, limit, sh.packed_len + t0, s.data(), kResidualBlock);
+    state.fold(s.data(), rows, n, kResidualBlock, d);
+    block_accumulate(s.data(), kResidualBlock, values + t0 * d, n, rows, d, state.acc.data());
+  }
+}
+
+// Many more items than threads, handed out dynamically: on a shared machine a thread that loses its
+// core for a time slice would otherwise hold up the whole call with its static share.
+int64_t choose_splits(int64_t heads, int64_t n_groups) {
+  const int64_t wanted = (16 * at::get_num_threads() + heads - 1) / heads;
+  return std::max<int64_t>(1, std::min(wanted, n_groups));
+}
+
+template <int BITS>
+void decode_impl(const DecodeInputs& in, const DecodeShape& sh, float* out) {
+  const int64_t heads = sh.batch * sh.kv_heads, rows = sh.rows(), d = sh.d;
+  const int64_t n_groups = (sh.packed_len + sh.group - 1) / sh.group;
+  const int64_t splits = n_groups ? choose_splits(heads, n_groups) : 0;
+  const int64_t groups_per_split = splits ? (n_groups + splits - 1) / splits : 0;
+  const int64_t items_per_head = (splits ? (n_groups + groups_per_split - 1) / groups_per_split : 0) + 1;
+  // Partial results per item: m, l (rows each) and acc (rows x d); the last item of each head is
+  // the residual window.
+  std::vector<float> part_m(heads * items_per_head * rows), part_l(part_m.size()),
+      part_acc(part_m.size() * d);
+  const int64_t n_items = heads * items_per_head;
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_items)))
+  {
+    std::vector<float> q(rows * d);
+    std::vector<int64_t> limit(rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < n_items; ++item) {
+      const int64_t bh = item / items_per_head, split = item % items_per_head;
+      gather_rows(in, sh, bh / sh.kv_heads, bh % sh.kv_heads, q.data(), limit.data());
+      SoftmaxState state(rows, d);
+      if (split == items_per_head - 1) {
+        attend_residual(in, sh, bh, q.data(), limit.data(), state);
+      } else {
+        const int64_t g0 = split * groups_per_split, g1 = std::min(g0 + groups_per_split, n_groups);
+        attend_packed<BITS>(in, sh, bh, g0, g1, q.data(), limit.data(), state);
+      }
+      std::copy(state.m.begin(), state.m.end(), part_m.begin() + item * rows);
+      std::copy(state.l.begin(), state.l.end(), part_l.begin() + item * rows);
+      std::copy(state.acc.begin(), state.acc.end(), part_acc.begin() + item * rows * d);
+    }
+  }
+  at::parallel_for(0, heads * rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t hr = begin; hr < end; ++hr) {
+      const int64_t bh = hr / rows, r = hr % rows;
+      float mx = kNegInf;
+      for (int64_t i = 0; i < items_per_head; ++i) mx = std::max(mx, part_m[(bh * items_per_head + i) * rows + r]);
+      const int64_t b = bh / sh.kv_heads, head = (bh % sh.kv_heads) * sh.n_rep + r / sh.q_len;
+      float* o = out + ((b * sh.kv_heads * sh.n_rep + head) * sh.q_len + r % sh.q_len) * d;
+      std::fill(o, o + d, 0.f);
+      float total = 0.f;
+      for (int64_t i = 0; i < items_per_head; ++i) {
+        const int64_t at_ = (bh * items_per_head + i) * rows + r;
+        if (part_m[at_] == kNegInf) continue;
+        const float w = std::exp(part_m[at_] - mx);
+        total += w * part_l[at_];
+        axpy(w, part_acc.data() + at_ * d, o, d);
+      }
+      for (int64_t c = 0; c < d; ++c) o[c] /= total;
+    }
+  });
+}
+
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor key_codes, torch::Tensor key_scale,
+                               torch::Tensor key_zero, torch::Tensor value_codes, torch::Tensor value_scale,
+                               torch::Tensor value_zero, torch::Tensor residual_keys, torch::Tensor residual_values,
+                               int64_t bits, int64_t group, double scale) {
+  check_cpu(query, "query", at::kFloat);
+  check_cpu(key_codes, "key_codes", at::kByte);
+  check_cpu(value_codes, "value_codes", at::kByte);
+  for (auto* t : {&key_scale, &key_zero, &value_scale, &value_zero}) check_cpu(*t, "scales", at::kHalf);
+  check_cpu(residual_keys, "residual_keys", at::kFloat);
+  check_cpu(residual_values, "residual_values", at::kFloat);
+  TORCH_CHECK(bits == 2 || bits == 4, "bits must be 2 or 4");
+  DecodeShape sh;
+  sh.batch = query.size(0);
+  sh.kv_heads = key_codes.size(1);
+  sh.n_rep = query.size(1) / sh.kv_heads;
+  sh.q_len = query.size(2);
+  sh.d = query.size(3);
+  sh.packed_len = key_codes.size(2);
+  sh.residual_len = residual_keys.size(2);
+  sh.group = group;
+  sh.gv = std::min(group, sh.d);
+  sh.bytes = key_codes.size(3);
+  auto q = query * scale;
+  auto out = torch::empty_like(query);
+  DecodeInputs in{q.data_ptr<float>(),
+                  key_codes.data_ptr<uint8_t>(),
+                  value_codes.data_ptr<uint8_t>(),
+                  key_scale.data_ptr<at::Half>(),
+                  key_zero.data_ptr<at::Half>(),
+                  value_scale.data_ptr<at::Half>(),
+                  value_zero.data_ptr<at::Half>(),
+                  residual_keys.data_ptr<float>(),
+                  residual_values.data_ptr<float>()};
+  (bits == 4 ? decode_impl<4> : decode_impl<2>)(in, sh, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "engram_kernels KV-cache CPU kernels (KIVI int4/int2, fp32 compute, OpenMP)";
+  m.def("quantize_keys", &quantize_keys, "per-channel quantization over groups of tokens -> codes, scale, zero");
+  m.def("quantize_values", &quantize_values, "per-token quantization over groups of channels -> codes, scale, zero");
+  m.def("dequantize_keys", &dequantize_keys);
+  m.def("dequantize_values", &dequantize_values);
+  m.def("decode_attention", &decode_attention, "causal GQA attention of a few queries from the packed cache");
+}

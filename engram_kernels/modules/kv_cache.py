@@ -1,0 +1,219 @@
+"""QuantizedKVCache: a `transformers` Cache that keeps keys and values KIVI-packed (int4/int2) and
+lets decoding read them through the fused packed-cache attention.
+
+    from engram_kernels.modules import QuantizedKVCache, enable_packed_kv_attention
+    enable_packed_kv_attention(model)                  # registers and selects the attention function
+    cache = QuantizedKVCache(model.config, bits=4)     # group_size=64, residual_length=128
+    model.generate(**inputs, past_key_values=cache)
+
+Per full-attention layer the newest `residual_length` tokens stay in full precision; whenever the
+residual window holds a whole group beyond that, its oldest `group_size` tokens are quantized
+and appended to the packed store. The prompt (prefill) runs ordinary attention over its own
+full-precision states and is quantized afterwards. Decode steps then call
+`engram_kernels.ops.kvcache.decode_attention` on the packed store plus the residual window: the
+layer's `update` returns the new states tagged with their layer, and the registered attention
+function reads the packed cache from there (also for several new tokens at once, causal). Steps
+with a padding mask (left-padded batches) take the dequantize-then-SDPA path, with the same numbers.
+
+`sink_length=S` keeps the first S tokens in full precision too (attention sinks: not part of
+KIVI, but cheap, and it helps int2 on small models; see scripts/kv_quality.py).
+
+Without `enable_packed_kv_attention` (or with `packed_attention=False`) the cache works with any
+attention implementation: `update` returns the dequantized keys and values, as transformers' own
+QuantizedCache does. Sliding-window layers (Gemma3, Qwen2 with sliding windows) keep their
+ordinary full-precision layers; Llama (SmolLM2), Mistral, Qwen2 and Qwen3 models run entirely packed.
+"""
+import functools
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..ops.kvcache import PackedKV, decode_attention, quantize_kv
+from ..ops.kvcache import naive
+
+ATTENTION_NAME = "engram_packed_kv"
+_LAYER_ATTR = "_engram_kv_layer"  # set on the key states a packed layer hands to attention
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's cache: a PackedKV store of the oldest tokens plus a full-precision residual
+    window (`self.keys`, `self.values`, shaped (B, H, R, D) as in DynamicLayer)."""
+
+    is_croppable = False
+
+    def __init__(self, bits=4, group_size=64, residual_length=128, packed_attention=True, sink_length=0):
+        super().__init__()
+        if bits not in (2, 4):
+            raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        if group_size < 1 or residual_length < 0 or sink_length < 0:
+            raise ValueError(f"group_size must be >= 1, residual_length and sink_length >= 0, got {group_size}, "
+                             f"{residual_length}, {sink_length}")
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        self.sink_length = sink_length
+        self.packed_attention = packed_attention
+        self.packed = None
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states, value_states):
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+        self.sink_keys, self.sink_values = self.keys, self.values
+        self.packed = quantize_kv(self.keys, self.values, self.bits, self.group_size, check_values=False)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        prefill = self.cumulative_length == 0
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self._fill_sinks()
+        self._flush()
+        if prefill:  # the prompt attends to its own full-precision states
+            return key_states, value_states
+        if not self.packed_attention:
+            return self.dequantized()
+        setattr(key_states, _LAYER_ATTR, self)
+        return key_states, value_states
+
+    def _fill_sinks(self):
+        """The first `sink_length` tokens stay in full precision for good: attention sinks draw large
+        weights, and their outlying keys would stretch the quantization range of their group."""
+        n = min(self.sink_length - self.sink_keys.shape[-2], self.keys.shape[-2])
+        if n > 0:
+            self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :n, :]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, self.values[..., :n, :]], dim=-2)
+            self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
+
+    def full_precision(self):
+        """(keys, values) held in full precision: the sinks, then the residual window. Attention
+        is order-free, so the kernel may see the sinks after the packed tokens; only the newest
+        tokens' order matters (causality), and they stay last."""
+        if self.sink_keys.shape[-2] == 0:
+            return self.keys, self.values
+        return torch.cat([self.sink_keys, self.keys], dim=-2), torch.cat([self.sink_values, self.values], dim=-2)
+
+    def _flush(self):
+        """Moves whole groups from the residual window into the packed store, keeping at least
+        `residual_length` full-precision tokens."""
+        groups = (self.keys.shape[-2] - self.residual_length) // self.group_size
+        if groups <= 0:
+            return
+        n = groups * self.group_size
+        fresh = quantize_kv(self.keys[..., :n, :], self.values[..., :n, :], self.bits, self.group_size,
+                            check_values=False)
+        self.packed = PackedKV(*(torch.cat([old, new], dim=2) for old, new in zip(self.packed.tensors(),
+                                                                                 fresh.tensors())),
+                               self.bits, self.group_size)
+        self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
+
+    def dequantized(self):
+        """(keys, values) of every cached token, the packed ones dequantized, in the cache dtype."""
+        p = self.packed
+        keys, values = naive.full_cache(*p.tensors(), self.keys, self.values, p.bits, p.group_size, self.dtype)
+        return torch.cat([self.sink_keys, keys], dim=-2), torch.cat([self.sink_values, values], dim=-2)
+
+    def get_seq_length(self):
+        return self.cumulative_length
+
+    def nbytes(self):
+        """Bytes held: packed codes, scales and zero points, plus the residual window."""
+        if not self.is_initialized:
+            return 0
+        return (self.packed.nbytes() + self.keys.nbytes + self.values.nbytes + self.sink_keys.nbytes
+                + self.sink_values.nbytes)
+
+    def crop(self, tokens_to_remove):
+        raise NotImplementedError("QuantizedKVLayer cannot be cropped (packed tokens are not addressable)")
+
+    def reorder_cache(self, beam_idx):
+        if self.is_initialized:
+            beam_idx = beam_idx.to(self.device)
+            self.keys, self.values = self.keys[beam_idx], self.values[beam_idx]
+            self.sink_keys, self.sink_values = self.sink_keys[beam_idx], self.sink_values[beam_idx]
+            self.packed = PackedKV(*(t[beam_idx] for t in self.packed.tensors()), self.bits, self.group_size)
+
+    def batch_repeat_interleave(self, repeats):
+        self.reorder_cache(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices):
+        self.reorder_cache(indices)
+
+
+class QuantizedKVCache(Cache):
+    """KIVI-quantized KV cache (keys per channel, values per token; int4 or int2) for `generate`.
+
+    `config`: the model's config; full-attention layers are packed, sliding-window ones keep
+    transformers' own layers. Without a config every layer is packed, created as it is first used.
+    `packed_attention` (default: whether the config selects `engram_packed_kv`, or True without a
+    config) makes decode steps use the fused attention; False returns dequantized states instead.
+    """
+
+    def __init__(self, config=None, bits=4, group_size=64, residual_length=128, packed_attention=None,
+                 sink_length=0):
+        if packed_attention is None:
+            packed_attention = config is None or getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+        make = functools.partial(QuantizedKVLayer, bits, group_size, residual_length, packed_attention, sink_length)
+        make()  # validates the arguments now rather than at the first forward
+        self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
+        if config is None:
+            super().__init__(layer_class_to_replicate=make)
+            return
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        layers = [make() if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**layer_kwargs)
+                  for kind in layer_types]
+        super().__init__(layers=layers)
+
+    def nbytes(self):
+        return sum(layer.nbytes() if isinstance(layer, QuantizedKVLayer) else
+                   sum(t.nbytes for t in (layer.keys, layer.values) if t is not None) for layer in self.layers)
+
+    def bytes_per_token(self):
+        tokens = self.get_seq_length()
+        return self.nbytes() / tokens if tokens else 0.0
+
+
+def packed_kv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention function for transformers' AttentionInterface: reads the packed cache when `key`
+    comes from a QuantizedKVLayer; anything else (the prompt, other layers) goes to SDPA."""
+    layer = getattr(key, _LAYER_ATTR, None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    q_len, kv_len = query.shape[2], layer.get_seq_length()
+    unusual_mask = attention_mask is not None and not _plain_causal(attention_mask, q_len, kv_len)
+    # With sinks, the new tokens must all still be in the residual window to come last (see full_precision).
+    out_of_order = layer.sink_keys.shape[-2] > 0 and q_len > layer.keys.shape[-2]
+    if unusual_mask or out_of_order:  # the same numbers from the dequantized cache
+        keys, values = layer.dequantized()
+        if attention_mask is None:
+            attention_mask = naive.causal_mask(q_len, kv_len, query.device)[None, None]
+        return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = decode_attention(query, layer.packed, *layer.full_precision(), scale=scaling, check_values=False)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _plain_causal(mask, q_len, kv_len):
+    """Whether a boolean (B, 1, Tq, L) mask is just the causal pattern of the newest Tq tokens
+    (chunked decoding and prefill against a cache get one), which the packed kernel applies itself."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape[-2:]) != (q_len, kv_len):
+        return False
+    return bool(torch.equal(mask, naive.causal_mask(q_len, kv_len, mask.device).expand_as(mask)))
+
+
+def register_packed_kv_attention():
+    """Registers `engram_packed_kv` with transformers (attention and mask functions)."""
+    AttentionInterface.register(ATTENTION_NAME, packed_kv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME
+
+
+def enable_packed_kv_attention(model):
+    """Selects the packed-cache attention on `model` (SDPA for everything but packed decode steps)."""
+    model.set_attn_implementation(register_packed_kv_attention())
+    return model

@@ -1,0 +1,117 @@
+"""LoRALinear and MultiLoRALinear: nn.Linear with low-rank adapters over the fused LoRA ops.
+
+LoRALinear follows peft's LoRA layer: y = base(x) + lora_B(lora_A(dropout(x))) · alpha / r
+(alpha / sqrt(r) with use_rslora), A Kaiming-uniform and B zero at init, so a fresh adapter changes
+nothing. The base layer is frozen and kept as `base_layer`, as in peft.
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..ops.lora import lora_linear, lora_linear_multi, merge_lora, unmerge_lora
+
+
+def lora_scale(r, alpha, use_rslora=False):
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _check_base(base):
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"LoRA wraps an nn.Linear, got {type(base).__name__}")
+    base.requires_grad_(False)
+
+
+class LoRALinear(nn.Module):
+    """Drop-in for the nn.Linear `base` with one trainable adapter of rank r.
+
+    forward runs the fused op (one pass for base and branch, no ΔW, dropout regenerated from a
+    seed in the backward). `merge()` folds the adapter into the base weight (then forward is the
+    plain linear); `unmerge()` restores the original weight bit for bit.
+    """
+
+    def __init__(self, base, r=8, alpha=8, dropout=0.0, use_rslora=False, adapter_dtype=None):
+        super().__init__()
+        _check_base(base)
+        if r < 1:
+            raise ValueError(f"rank r must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        factory = {"dtype": adapter_dtype or base.weight.dtype, "device": base.weight.device}
+        self.base_layer = base
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scaling = lora_scale(r, alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
+        self.merged, self.disabled = False, False
+        self._merge_residual = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default (init_lora_weights=True)
+        nn.init.zeros_(self.lora_B)
+
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"dropout={self.dropout}, merged={self.merged}")
+
+    def forward(self, x):
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        dtype = x.dtype
+        return lora_linear(x, self.weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling,
+                           None if self.bias is None else self.bias.to(dtype),
+                           dropout=self.dropout if self.training else 0.0)
+
+    def merge(self):
+        if not self.merged:
+            self._merge_residual = merge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling)
+            self.merged = True
+        return self
+
+    def unmerge(self):
+        if self.merged:
+            unmerge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling, self._merge_residual)
+            self.merged, self._merge_residual = False, None
+        return self
+
+
+class MultiLoRALinear(nn.Module):
+    """nn.Linear with a stack of `n_adapters` adapters; row i of a batch uses `adapter_ids[i]`.
+
+    Set the ids per batch with `module.adapter_ids = ids` (shape x.shape[:-1], -1 for none) or the
+    `with_adapter_ids(model, ids)` context of engram_kernels.integrations.lora_hf; every adapter's
+    gradient comes from its own rows only. Ranks are equal (pad a smaller adapter with zeros).
+    """
+
+    def __init__(self, base, n_adapters, r=8, alpha=8, use_rslora=False, adapter_dtype=None):
+        super().__init__()
+        _check_base(base)
+        factory = {"dtype": adapter_dtype or base.weight.dtype, "device": base.weight.device}
+        self.base_layer = base
+        self.r, self.alpha = r, alpha
+        self.lora_A = nn.Parameter(torch.empty(n_adapters, r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, r, **factory))
+        self.register_buffer("scales", torch.full((n_adapters,), lora_scale(r, alpha, use_rslora),
+                                                  device=base.weight.device))
+        self.adapter_ids = None
+        with torch.no_grad():
+            for a in range(n_adapters):
+                nn.init.kaiming_uniform_(self.lora_A[a], a=math.sqrt(5))
+
+    @property
+    def n_adapters(self):
+        return self.lora_A.shape[0]
+
+    def forward(self, x):
+        if self.adapter_ids is None:
+            return self.base_layer(x)
+        dtype, bias = x.dtype, self.base_layer.bias
+        return lora_linear_multi(x, self.base_layer.weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype),
+                                 self.scales, self.adapter_ids, None if bias is None else bias.to(dtype))

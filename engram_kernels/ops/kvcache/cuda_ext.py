@@ -1,0 +1,56 @@
+"""`cuda` backend: the CUDA kernels in csrc/cuda/kvcache.cu (fp32 math, fp16 scales).
+
+Importable without a GPU: the extension is only looked up (and is None there). Shapes beyond the
+decode kernel's limits (head dims other than 64 and 128, more than DECODE_MAX_ROWS query rows per
+KV head) take the Triton kernel.
+"""
+import torch
+
+from ...backends import extension
+from . import triton_kernels
+
+_C = extension("_C_kvcache_cuda")
+
+
+def _ext():
+    if _C is None:
+        raise RuntimeError("engram_kernels._C_kvcache_cuda is not available (not built, or no CUDA device)")
+    return _C
+
+
+def quantize_keys(keys, bits, group_size):
+    return tuple(_ext().quantize_keys(keys, bits, group_size))
+
+
+def quantize_values(values, bits, group_size):
+    return tuple(_ext().quantize_values(values, bits, group_size))
+
+
+def dequantize_keys(codes, scale, zero, bits, group_size, dtype):
+    return _ext().dequantize_keys(codes, scale, zero, bits, group_size, dtype)
+
+
+def dequantize_values(codes, scale, zero, bits, group_size, dtype):
+    return _ext().dequantize_values(codes, scale, zero, bits, group_size, dtype)
+
+
+def _splits(device, heads, packed_len, block=64):
+    """Token splits per (batch, KV head), about 4 blocks per SM; + 1 for the residual window."""
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    blocks = -(-packed_len // block)
+    n = max(1, min(-(-programs // heads), blocks))
+    tokens = -(-blocks // n) * block
+    return (-(-packed_len // tokens) if packed_len else 0) + 1, max(tokens, block)
+
+
+def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                     residual_values, bits, group_size, scale):
+    C = _ext()
+    b, hq, tq, d = query.shape
+    hkv = key_codes.shape[1]
+    if d not in (64, 128) or hq // hkv * tq > C.DECODE_MAX_ROWS:
+        return triton_kernels.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
+                                               value_zero, residual_keys, residual_values, bits, group_size, scale)
+    n_splits, tokens = _splits(query.device, b * hkv, key_codes.shape[2])
+    return C.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+                              residual_keys, residual_values, bits, group_size, scale, n_splits, tokens)

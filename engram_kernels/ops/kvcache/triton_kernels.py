@@ -1,0 +1,316 @@
+"""`triton` backend: Triton kernels for the KV-cache ops (CUDA, or CPU tensors under TRITON_INTERPRET=1).
+
+fp32 math whatever the storage dtype. Packed codes are unpacked in registers by loading each
+channel's byte (the PER channels sharing a byte hit the same cache line) and shifting: codes never
+pass through memory unpacked. Decode attention is split-K flash decoding: one program per (batch,
+KV head, split of the tokens) handles all query rows of that KV head (GQA heads x query tokens,
+padded to 16 for tl.dot), the last split of each head takes the full-precision residual window,
+and a second kernel merges the splits' (max, sum, output) triples.
+
+Loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter rejects a
+runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be powers of two
+(64, 128, ...); other shapes take the reference implementation.
+"""
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import naive
+
+_BLOCK_T = 64  # tokens per tile (quantize, dequantize, attention)
+_MIN_ROWS = 16  # tl.dot needs 16 rows
+
+
+def _on(device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _pow2(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _supported(head_dim, group_size):
+    return _pow2(head_dim) and _pow2(naive.value_group(head_dim, group_size)) and head_dim >= 16
+
+
+def _precision():
+    return "ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32"
+
+
+@triton.jit
+def _unpack(packed_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr):
+    """Codes (BLOCK, D) as fp32 of the packed rows `rows` (planar layout, see naive.py)."""
+    P: tl.constexpr = D * BITS // 8
+    c = tl.arange(0, D)
+    byte = tl.load(packed_ptr + rows[:, None] * P + (c % P)[None, :], mask=row_mask[:, None], other=0)
+    return ((byte.to(tl.int32) >> ((c // P) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _pack_store(packed_ptr, codes, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores int32 codes (BLOCK, D) planar-packed into (BLOCK, D*BITS/8) bytes."""
+    P: tl.constexpr = D * BITS // 8
+    PER: tl.constexpr = 8 // BITS
+    planes = tl.reshape(codes, (BLOCK, PER, P))
+    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
+    packed = tl.sum(planes << shifts, axis=1)  # disjoint bit fields: the sum is an or
+    j = tl.arange(0, P)
+    tl.store(packed_ptr + rows[:, None] * P + j[None, :], packed.to(tl.uint8), mask=row_mask[:, None])
+
+
+@triton.jit
+def _codes_of(x, lo, hi, BITS: tl.constexpr):
+    """(codes int32, scale fp16, zero fp16) of x against per-element lo/hi (broadcast)."""
+    levels = (1 << BITS) - 1
+    scale = ((hi - lo) / levels).to(tl.float16)
+    zero = lo.to(tl.float16)
+    safe = tl.where(scale.to(tl.float32) > 0, scale.to(tl.float32), 1.0)
+    codes = tl.floor((x - zero.to(tl.float32)) / safe + 0.5)
+    codes = tl.minimum(tl.maximum(codes, 0.0), levels).to(tl.int32)
+    return codes, scale, zero
+
+
+@triton.jit
+def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, t_len, n_groups, G: tl.constexpr,
+                          D: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr):
+    head, group = tl.program_id(0), tl.program_id(1)
+    j = tl.arange(0, BLOCK_G)
+    c = tl.arange(0, D)
+    tok = group * G + j
+    ok = (j < G) & (tok < t_len)
+    x = tl.load(x_ptr + (head * t_len + tok)[:, None] * D + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    lo = tl.min(tl.where(ok[:, None], x, float("inf")), axis=0)
+    hi = tl.max(tl.where(ok[:, None], x, float("-inf")), axis=0)
+    codes, scale, zero = _codes_of(x, lo[None, :], hi[None, :], BITS)
+    at = (head * n_groups + group) * D + c
+    tl.store(scale_ptr + at, tl.reshape(scale, (D,)))
+    tl.store(zero_ptr + at, tl.reshape(zero, (D,)))
+    _pack_store(codes_ptr, codes, head * t_len + tok, ok, D, BITS, BLOCK_G)
+
+
+@triton.jit
+def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, n_rows, D: tl.constexpr, GV: tl.constexpr,
+                            BITS: tl.constexpr, BLOCK: tl.constexpr):
+    NG: tl.constexpr = D // GV
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rows < n_rows
+    c = tl.arange(0, D)
+    x = tl.load(x_ptr + rows[:, None] * D + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    grouped = tl.reshape(x, (BLOCK, NG, GV))
+    lo, hi = tl.min(grouped, axis=2), tl.max(grouped, axis=2)
+    codes, scale, zero = _codes_of(grouped, lo[:, :, None], hi[:, :, None], BITS)
+    g = tl.arange(0, NG)
+    at = rows[:, None] * NG + g[None, :]
+    tl.store(scale_ptr + at, tl.reshape(scale, (BLOCK, NG)), mask=ok[:, None])
+    tl.store(zero_ptr + at, tl.reshape(zero, (BLOCK, NG)), mask=ok[:, None])
+    _pack_store(codes_ptr, tl.reshape(codes, (BLOCK, D)), rows, ok, D, BITS, BLOCK)
+
+
+@triton.jit
+def _key_params(scale_ptr, zero_ptr, head, tok, ok, n_groups, G: tl.constexpr, D: tl.constexpr):
+    """Per-token copies of the token's group's per-channel scale and zero, (BLOCK, D) fp32."""
+    c = tl.arange(0, D)
+    at = (head * n_groups + tok // G)[:, None] * D + c[None, :]
+    return (tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32),
+            tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _value_params(scale_ptr, zero_ptr, rows, ok, D: tl.constexpr, GV: tl.constexpr):
+    c = tl.arange(0, D)
+    at = rows[:, None] * (D // GV) + (c // GV)[None, :]
+    return (tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32),
+            tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups, KEYS: tl.constexpr,
+                       G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    head = tl.program_id(0)
+    tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = tok < t_len
+    rows = head * t_len + tok
+    q = _unpack(codes_ptr, rows, ok, D, BITS)
+    if KEYS:
+        s, z = _key_params(scale_ptr, zero_ptr, head, tok, ok, n_groups, G, D)
+    else:
+        s, z = _value_params(scale_ptr, zero_ptr, rows, ok, D, GV)
+    c = tl.arange(0, D)
+    tl.store(out_ptr + rows[:, None] * D + c[None, :], (q * s + z).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _fold(s, m, l, acc, v, PRECISION: tl.constexpr):
+    """Online-softmax step: scores s (ROWS, BLOCK) and values v (BLOCK, D) into (m, l, acc)."""
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    corr = tl.exp(m - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l = l * corr + tl.sum(p, axis=1)
+    acc = acc * corr[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, l, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr,
+                   packed_len, residual_len, n_groups, tokens_per_split, n_splits, scale,
+                   N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
+                   GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    head, split = tl.program_id(0), tl.program_id(1)  # head = b * Hkv + kv head
+    ROWS: tl.constexpr = N_REP * Q_LEN
+    r = tl.arange(0, ROWS_PAD)
+    c = tl.arange(0, D)
+    j = tl.arange(0, BLOCK)
+    # The KV head's query rows are contiguous in (B, Hq, Tq, D): N_REP heads x Q_LEN tokens.
+    q = tl.load(q_ptr + (head * ROWS + r)[:, None] * D + c[None, :], mask=(r < ROWS)[:, None], other=0.0)
+    q = q.to(tl.float32) * scale
+    limit = packed_len + residual_len - Q_LEN + r % Q_LEN  # last position each row may see
+    m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([ROWS_PAD], tl.float32)
+    acc = tl.zeros([ROWS_PAD, D], tl.float32)
+
+    t0 = split * tokens_per_split
+    t_end = tl.minimum(t0 + tokens_per_split, packed_len)
+    while t0 < t_end:
+        tok = t0 + j
+        ok = tok < t_end
+        rows = head * packed_len + tok
+        ks, kz = _key_params(ks_ptr, kz_ptr, head, tok, ok, n_groups, G, D)
+        k = _unpack(kc_ptr, rows, ok, D, BITS) * ks + kz
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
+        vs, vz = _value_params(vs_ptr, vz_ptr, rows, ok, D, GV)
+        v = _unpack(vc_ptr, rows, ok, D, BITS) * vs + vz
+        m, l, acc = _fold(s, m, l, acc, v, PRECISION)
+        t0 += BLOCK
+
+    t0 = 0
+    r_end = tl.where(split == n_splits - 1, residual_len, 0)  # the last split takes the residual window
+    while t0 < r_end:
+        tok = t0 + j
+        ok = tok < r_end
+        at = (head * residual_len + tok)[:, None] * D + c[None, :]
+        k = tl.load(rk_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
+        v = tl.load(rv_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        m, l, acc = _fold(s, m, l, acc, v, PRECISION)
+        t0 += BLOCK
+
+    out = (head * n_splits + split) * ROWS_PAD + r
+    tl.store(m_ptr + out, m)
+    tl.store(l_ptr + out, l)
+    tl.store(acc_ptr + out[:, None] * D + c[None, :], acc)
+
+
+@triton.jit
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr):
+    head, r = tl.program_id(0), tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    c = tl.arange(0, D)
+    at = (head * n_splits + s) * ROWS_PAD + r
+    ok = s < n_splits
+    m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+    total = tl.sum(w * tl.load(l_ptr + at, mask=ok, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + at[:, None] * D + c[None, :], mask=ok[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / total
+    tl.store(out_ptr + (head * ROWS + r) * D + c, out.to(out_ptr.dtype.element_ty))
+
+
+# ---- host side ----------------------------------------------------------------------------------
+
+def quantize_keys(keys, bits, group_size):
+    b, h, t, d = keys.shape
+    if not _supported(d, group_size):
+        return naive.quantize_keys(keys, bits, group_size)
+    n_groups = triton.cdiv(t, group_size)
+    codes = keys.new_empty(b, h, t, d * bits // 8, dtype=torch.uint8)
+    scale = keys.new_empty(b, h, n_groups, d, dtype=naive.SCALE_DTYPE)
+    zero = torch.empty_like(scale)
+    if codes.numel():
+        with _on(keys.device):
+            _quantize_keys_kernel[(b * h, n_groups)](keys, codes, scale, zero, t, n_groups, group_size, d, bits,
+                                                     triton.next_power_of_2(group_size))
+    return codes, scale, zero
+
+
+def quantize_values(values, bits, group_size):
+    b, h, t, d = values.shape
+    if not _supported(d, group_size):
+        return naive.quantize_values(values, bits, group_size)
+    gv = naive.value_group(d, group_size)
+    codes = values.new_empty(b, h, t, d * bits // 8, dtype=torch.uint8)
+    scale = values.new_empty(b, h, t, d // gv, dtype=naive.SCALE_DTYPE)
+    zero = torch.empty_like(scale)
+    n_rows = b * h * t
+    if n_rows:
+        block = min(_BLOCK_T, triton.next_power_of_2(n_rows))
+        with _on(values.device):
+            _quantize_values_kernel[(triton.cdiv(n_rows, block),)](values, codes, scale, zero, n_rows, d, gv, bits,
+                                                                   block)
+    return codes, scale, zero
+
+
+def _dequantize(codes, scale, zero, bits, group_size, dtype, keys):
+    b, h, t, p = codes.shape
+    d = p * 8 // bits
+    if not _supported(d, group_size):
+        fn = naive.dequantize_keys if keys else naive.dequantize_values
+        return fn(codes, scale, zero, bits, group_size, dtype)
+    out = codes.new_empty(b, h, t, d, dtype=dtype)
+    if out.numel():
+        with _on(codes.device):
+            _dequantize_kernel[(b * h, triton.cdiv(t, _BLOCK_T))](
+                codes, scale, zero, out, t, triton.cdiv(t, group_size), keys, group_size,
+                naive.value_group(d, group_size), d, bits, _BLOCK_T)
+    return out
+
+
+def dequantize_keys(codes, scale, zero, bits, group_size, dtype):
+    return _dequantize(codes, scale, zero, bits, group_size, dtype, True)
+
+
+def dequantize_values(codes, scale, zero, bits, group_size, dtype):
+    return _dequantize(codes, scale, zero, bits, group_size, dtype, False)
+
+
+def _splits(device, heads, packed_len):
+    """Token splits per (batch, KV head): about two programs per SM (4 in the interpreter)."""
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    blocks = triton.cdiv(packed_len, _BLOCK_T)
+    n = max(1, min(triton.cdiv(programs, heads), blocks))
+    tokens = triton.cdiv(blocks, n) * _BLOCK_T
+    return (triton.cdiv(packed_len, tokens) if packed_len else 0) + 1, tokens  # + the residual split
+
+
+def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+                     residual_values, bits, group_size, scale):
+    b, hq, tq, d = query.shape
+    if not _supported(d, group_size):
+        return naive.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+                                      residual_keys, residual_values, bits, group_size, scale)
+    hkv, packed_len, residual_len = key_codes.shape[1], key_codes.shape[2], residual_keys.shape[2]
+    n_rep, heads = hq // hkv, b * hkv
+    rows = n_rep * tq
+    rows_pad = max(_MIN_ROWS, triton.next_power_of_2(rows))
+    n_splits, tokens_per_split = _splits(query.device, heads, packed_len)
+    m = query.new_empty(heads, n_splits, rows_pad, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = query.new_empty(heads, n_splits, rows_pad, d, dtype=torch.float32)
+    out = torch.empty_like(query)
+    with _on(query.device):
+        _decode_kernel[(heads, n_splits)](
+            query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
+            residual_values, m, l, acc, packed_len, residual_len, triton.cdiv(packed_len, group_size),
+            tokens_per_split, n_splits, scale, n_rep, tq, rows_pad, group_size, naive.value_group(d, group_size),
+            d, bits, _BLOCK_T, _precision(), num_warps=4)
+        _merge_kernel[(heads, rows)](m, l, acc, out, n_splits, rows, rows_pad, d,
+                                     triton.next_power_of_2(n_splits))
+    return out

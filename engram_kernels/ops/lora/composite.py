@@ -1,0 +1,48 @@
+"""The LoRA ops as cuBLAS GEMMs plus adapter kernels: shared by the `triton` and `cuda` backends.
+
+The frozen x Wᵀ (and dy W) stay with cuBLAS, which no hand-written kernel beats; the rank-r branch
+is accumulated into y / dx in place. A backend module supplies the kernels that are not GEMMs:
+
+    dropout(x, p, seed)                         drop(x), the hash mask of naive.dropout_mask
+    shrink(src, perm, offsets, w, scales)       out[i] = src[perm[i]] · w[a(i)]ᵀ (· scales[a(i)]);
+                                                w is a (n, r, K) view, out (N, r) in sorted order
+    expand_(dst, perm, offsets, small, w, scales)  dst[perm[i]] += scales[a(i)] · small[i] · w[a(i)];
+                                                w a (n, r, C) view
+    grouped_outer(small, big, perm, offsets)    (n, r, C) fp32: Σ over a's rows of small[i]ᵀ big[perm[i]]
+with a(i) the adapter of sorted row i (segments from naive.segments; rows before offsets[1] have none).
+"""
+import torch
+
+
+def lora_forward(kernels, x, weight, bias, lora_a, lora_b, scale, p, seed):
+    u = (kernels.dropout(x, p, seed) if p else x) @ lora_a.t()
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    y.addmm_(u, lora_b.t(), alpha=scale)
+    return y, u
+
+
+def lora_backward(kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
+    g = (grad_y @ lora_b).mul_(scale)
+    branch = g @ lora_a
+    if p:
+        branch = kernels.dropout(branch, p, seed)
+    dx = torch.addmm(branch, grad_y, weight)  # cuBLAS reads the branch in its epilogue (beta = 1)
+    xd = kernels.dropout(x, p, seed) if p else x
+    return dx, g.t() @ xd, torch.mm(grad_y.t(), u).mul_(scale)
+
+
+def multi_forward(kernels, x, weight, bias, lora_a, lora_b, scales, perm, offsets):
+    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
+    u = kernels.shrink(x, perm, offsets, lora_a, None)
+    kernels.expand_(y, perm, offsets, u, lora_b.transpose(1, 2), scales)
+    return y, u
+
+
+def multi_backward(kernels, grad_y, x, weight, lora_a, lora_b, scales, perm, offsets, u):
+    g = kernels.shrink(grad_y, perm, offsets, lora_b.transpose(1, 2), scales)
+    dx = grad_y @ weight
+    kernels.expand_(dx, perm, offsets, g, lora_a, None)
+    da = kernels.grouped_outer(g, x, perm, offsets, lora_a.shape[0])
+    db_t = kernels.grouped_outer(u, grad_y, perm, offsets, lora_a.shape[0])
+    db = (db_t * scales.view(-1, 1, 1)).transpose(1, 2)
+    return dx, da.to(lora_a.dtype), db.to(lora_b.dtype).contiguous()

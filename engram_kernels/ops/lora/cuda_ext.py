@@ -1,0 +1,51 @@
+"""`cuda` backend: the CUDA kernels in csrc/cuda/lora.cu for dropout and the SGMV segments, with the
+frozen GEMMs in cuBLAS (composite.py).
+
+Importable without a GPU: the extension is only looked up (and is None there); the functions are
+only called once the backend has been chosen for a CUDA tensor.
+"""
+from ...backends import extension
+from . import composite
+
+_C = extension("_C_lora_cuda")
+
+
+def _ext():
+    if _C is None:
+        raise RuntimeError("engram_kernels._C_lora_cuda is not available (not built, or no CUDA device)")
+    return _C
+
+
+class _Kernels:
+    @staticmethod
+    def dropout(x, p, seed):
+        return _ext().dropout(x, p, seed & 0xFFFFFFFF)
+
+    @staticmethod
+    def shrink(src, perm, offsets, w, scales):
+        return _ext().sgmv_shrink(src, perm, offsets, w, scales)
+
+    @staticmethod
+    def expand_(dst, perm, offsets, small, w, scales):
+        _ext().sgmv_expand_(dst, perm, offsets, small.contiguous(), w, scales)
+        return dst
+
+    @staticmethod
+    def grouped_outer(small, big, perm, offsets, n_adapters):
+        return _ext().grouped_outer(small.contiguous(), big, perm, offsets, n_adapters)
+
+
+def lora_forward(x, weight, bias, lora_a, lora_b, scale, p, seed):
+    return composite.lora_forward(_Kernels, x, weight, bias, lora_a, lora_b, scale, p, seed)
+
+
+def lora_backward(grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
+    return composite.lora_backward(_Kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed)
+
+
+def multi_forward(x, weight, bias, lora_a, lora_b, scales, perm, offsets):
+    return composite.multi_forward(_Kernels, x, weight, bias, lora_a, lora_b, scales, perm, offsets)
+
+
+def multi_backward(grad_y, x, weight, lora_a, lora_b, scales, perm, offsets, u):
+    return composite.multi_backward(_Kernels, grad_y, x, weight, lora_a, lora_b, scales, perm, offsets, u)

@@ -1,0 +1,207 @@
+"""KV-cache ops: every available backend against the pure-PyTorch reference (naive.py), the
+reference against SDPA on the dequantized cache, and bad input rejected before any kernel runs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend_cases import backend_cases, interpreted, tolerance
+from engram_kernels import backends
+from engram_kernels.ops.kvcache import (PackedKV, decode_attention, dequantize_keys, dequantize_kv, dequantize_values,
+                                        functional, naive, quantize_keys, quantize_kv, quantize_values)
+
+CASES = backend_cases("kvcache")
+
+# (B, H, T, D, bits, G): head dims 64 and 128, T filling no group, a partial last group, several.
+QUANT_SHAPES = [(1, 1, 1, 64, 4, 32), (2, 3, 50, 64, 2, 32), (1, 2, 64, 128, 4, 64), (2, 2, 100, 128, 2, 64),
+                (1, 2, 37, 64, 4, 128), (1, 1, 20, 8, 2, 4)]
+# (B, Hq, Hkv, Tq, D, Tp, R, G): GQA 1..4 query heads per KV head, 1-3 query tokens, empty packed
+# store, no residual window, packed lengths that do not fill a group.
+DECODE_SHAPES = [(1, 4, 4, 1, 64, 64, 16, 32), (2, 6, 2, 1, 64, 50, 0, 32), (1, 9, 3, 2, 64, 100, 7, 64),
+                 (1, 8, 2, 1, 128, 130, 5, 64), (2, 4, 1, 3, 128, 64, 3, 32), (1, 2, 1, 1, 64, 0, 9, 32),
+                 (1, 4, 2, 2, 64, 33, 1, 128)]
+
+
+@pytest.fixture(params=CASES, ids=[f"{b}-{d}" for b, d in CASES])
+def kv_case(request):
+    backend, device = request.param
+    with backends.use_backend(backend):
+        yield backend, device
+
+
+def _dtypes(case):
+    backend, device = case
+    if interpreted(backend, device):
+        return [torch.float32]
+    return [torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+
+
+def _skip_heavy(case, work, limit):
+    if interpreted(*case) and work > limit:
+        pytest.skip("too large for the Triton interpreter")
+
+
+# Every distinct shape is a fresh Triton compile on a GPU (seconds each): the GPU check runs these.
+TRITON_GPU_QUANT = {QUANT_SHAPES[i] for i in (1, 2, 4)}
+TRITON_GPU_DECODE = {DECODE_SHAPES[i] for i in (1, 2, 4, 5)}
+
+
+def _skip_compile_heavy(case, shape, chosen):
+    if case == ("triton", "cuda") and shape not in chosen:
+        pytest.skip("Triton on GPU: a subset of shapes keeps JIT compiling within the GPU check's budget")
+
+
+def _randn(*shape, seed, device, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(device, dtype)
+
+
+@pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
+def test_quantize_matches_reference(kv_case, shape):
+    b, h, t, d, bits, g = shape
+    _skip_compile_heavy(kv_case, shape, TRITON_GPU_QUANT)
+    _, device = kv_case
+    for dtype in _dtypes(kv_case):
+        x = _randn(b, h, t, d, seed=t * d + bits, device=device, dtype=dtype)
+        for quantize in (quantize_keys, quantize_values):
+            got = quantize(x, bits, g)
+            expected = getattr(naive, quantize.__name__)(x.cpu(), bits, g)
+            for name, a, e in zip(("codes", "scale", "zero"), got, expected):
+                assert a.dtype == e.dtype and a.shape == e.shape, name
+                if name == "codes":  # a value on a rounding boundary may land one code apart
+                    diff = (naive.unpack(a.cpu(), bits).int() - naive.unpack(e, bits).int()).abs()
+                    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, f"{quantize.__name__} codes"
+                else:
+                    torch.testing.assert_close(a.cpu(), e, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
+def test_dequantize_matches_reference_and_bounds_error(kv_case, shape):
+    b, h, t, d, bits, g = shape
+    _skip_compile_heavy(kv_case, shape, TRITON_GPU_QUANT)
+    _, device = kv_case
+    x = _randn(b, h, t, d, seed=3, device="cpu", dtype=torch.float32)
+    with backends.use_backend("torch"):
+        packed = quantize_kv(x, x, bits, g)
+    packed = packed._replace(**{f: getattr(packed, f).to(device) for f in packed._fields[:6]})
+    keys, values = dequantize_kv(packed)
+    ref_keys, ref_values = naive.full_cache(*(t.cpu() for t in packed.tensors()), None, None, bits, g)
+    torch.testing.assert_close(keys.cpu(), ref_keys, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(values.cpu(), ref_values, rtol=1e-6, atol=1e-6)
+    # Half a step of the coarsest group, plus the fp16 rounding of scale and zero.
+    key_step = packed.key_scale.float().amax().item()
+    value_step = packed.value_scale.float().amax().item()
+    assert (keys.cpu() - x).abs().max() <= 0.5 * key_step * 1.01 + 2e-3
+    assert (values.cpu() - x).abs().max() <= 0.5 * value_step * 1.01 + 2e-3
+    assert dequantize_keys(*packed[:3], bits, g, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert dequantize_values(*packed[3:6], bits, g, dtype=torch.float16).dtype == torch.float16
+
+
+def _decode_inputs(shape, bits, device, dtype, seed=0):
+    b, hq, hkv, tq, d, tp, r, g = shape
+    cpu = dict(device="cpu", dtype=torch.float32)
+    keys, values = _randn(b, hkv, tp, d, seed=seed, **cpu), _randn(b, hkv, tp, d, seed=seed + 1, **cpu)
+    with backends.use_backend("torch"):
+        packed = quantize_kv(keys, values, bits, g)
+    packed = packed._replace(**{f: getattr(packed, f).to(device) for f in packed._fields[:6]})
+    query = _randn(b, hq, tq, d, seed=seed + 2, device=device, dtype=dtype)
+    residual = [_randn(b, hkv, r, d, seed=seed + i, device=device, dtype=dtype) for i in (3, 4)]
+    return query, packed, residual
+
+
+@pytest.mark.parametrize("bits", (4, 2))
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+def test_decode_attention_matches_reference(kv_case, shape, bits):
+    _skip_heavy(kv_case, shape[1] * (shape[5] + shape[6]), 2000)
+    _skip_compile_heavy(kv_case, shape, TRITON_GPU_DECODE)
+    _, device = kv_case
+    for dtype in _dtypes(kv_case):
+        query, packed, (rk, rv) = _decode_inputs(shape, bits, device, dtype)
+        residual = (rk, rv) if shape[6] else (None, None)
+        out = decode_attention(query, packed, *residual)
+        expected = naive.decode_attention(query.cpu(), *(t.cpu() for t in packed.tensors()),
+                                          *(t.cpu() if t is not None else None for t in residual), bits,
+                                          packed.group_size, shape[4] ** -0.5)
+        assert out.dtype == dtype and out.shape == query.shape
+        torch.testing.assert_close(out.cpu().float(), expected.float(), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("shape", DECODE_SHAPES[:4], ids=str)
+def test_reference_equals_sdpa_on_dequantized_cache(shape):
+    query, packed, (rk, rv) = _decode_inputs(shape, 4, "cpu", torch.float32, seed=5)
+    keys, values = dequantize_kv(packed)
+    keys, values = torch.cat([keys, rk], 2), torch.cat([values, rv], 2)
+    tq, kv_len = query.shape[2], keys.shape[2]
+    mask = naive.causal_mask(tq, kv_len, "cpu")
+    expected = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    with backends.use_backend("torch"):
+        out = decode_attention(query, packed, rk, rv)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_scale_and_int4_close_to_full_precision():
+    """int4 attention stays near fp attention on the unquantized cache (a sanity bound, not a
+    backend comparison)."""
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 2, 256, 64, generator=gen), torch.randn(1, 2, 256, 64, generator=gen)
+    query = torch.randn(1, 4, 1, 64, generator=gen)
+    exact = F.scaled_dot_product_attention(query, keys, values, enable_gqa=True, scale=0.1)
+    out = decode_attention(query, quantize_kv(keys, values, 4, 32), scale=0.1)
+    assert (out - exact).abs().max() < 0.1
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_kernel_may_run(monkeypatch):
+    def refuse(device):
+        raise AssertionError("a kernel ran before the input was rejected")
+    monkeypatch.setattr(functional, "backend_module", refuse)
+
+
+@pytest.mark.usefixtures("no_kernel_may_run")
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 6), 2, 2), ValueError, "head dim 6 must be a multiple of 4"),
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 7), 4, 2), ValueError, "head dim 7 must be a multiple of 2"),
+    (lambda: quantize_values(torch.randn(1, 1, 4, 8), 3, 4), ValueError, "bits must be 2 or 4, got 3"),
+    (lambda: quantize_values(torch.randn(1, 1, 4, 8), 8, 4), ValueError, "bits must be 2 or 4"),
+    (lambda: quantize_values(torch.randn(1, 1, 4, 24), 4, 16), ValueError, r"multiple of the value group"),
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 4, 0), ValueError, "group_size must be a positive int"),
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 8).double(), 4, 4), TypeError, "keys must be float32"),
+    (lambda: quantize_keys(torch.randn(4, 8), 4, 4), ValueError, "keys must have 4 dimensions"),
+    (lambda: quantize_values(torch.full((1, 1, 4, 8), float("nan")), 4, 4), ValueError, "values contains NaN"),
+    (lambda: dequantize_keys(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 1, 8, dtype=torch.float16),
+                             torch.zeros(1, 1, 1, 8, dtype=torch.float16), 4, 4), TypeError, "must be a uint8"),
+    (lambda: dequantize_keys(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 1, 1, 8),
+                             torch.zeros(1, 1, 1, 8), 4, 4), TypeError, "key_scale must be a float16"),
+    (lambda: dequantize_values(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 1, 2, 1, dtype=torch.float16),
+                               torch.zeros(1, 1, 2, 1, dtype=torch.float16), 4, 8), ValueError,
+     r"value_scale must have shape \(1, 1, 4, 1\)"),
+])
+def test_bad_input_is_rejected(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def _packed(d=8, t=8, h=2, bits=4, g=4):
+    return PackedKV(*naive.quantize_keys(torch.randn(1, h, t, d), bits, g),
+                    *naive.quantize_values(torch.randn(1, h, t, d), bits, g), bits, g)
+
+
+@pytest.mark.usefixtures("no_kernel_may_run")
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: (torch.randn(1, 4, 1, 8).double(), p, None, None), TypeError, "query must be float32"),
+    (lambda p: (torch.randn(1, 3, 1, 8), p, None, None), ValueError, "Hq a multiple of Hkv"),
+    (lambda p: (torch.randn(2, 4, 1, 8), p, None, None), ValueError, "Hq a multiple of Hkv"),
+    (lambda p: (torch.randn(1, 4, 1, 16), p, None, None), ValueError, r"key_codes must have shape"),
+    (lambda p: (torch.randn(1, 4, 9, 8), p, None, None), ValueError, "9 query tokens need at least"),
+    (lambda p: (torch.randn(1, 4, 1, 8), p, torch.randn(1, 2, 3, 8), None), ValueError, "given together"),
+    (lambda p: (torch.randn(1, 4, 1, 8), p, torch.randn(1, 2, 3, 8).half(), torch.randn(1, 2, 3, 8).half()),
+     TypeError, "residual_keys must have the query's dtype"),
+    (lambda p: (torch.randn(1, 4, 1, 8), p, torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)), ValueError,
+     "must both be"),
+    (lambda p: (torch.randn(1, 4, 1, 8), p._replace(bits=3), None, None), ValueError, "bits must be 2 or 4"),
+    (lambda p: (torch.randn(1, 4, 1, 8) * float("inf"), p, None, None), ValueError, "query contains NaN or Inf"),
+])
+def test_decode_attention_rejects(make, error, message):
+    with pytest.raises(error, match=message):
+        decode_attention(*make(_packed()))
