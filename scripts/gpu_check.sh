@@ -10,6 +10,8 @@
 # written after each benchmark, so a cut-short run keeps what it measured) and report.md.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
+# BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: benchmarks/), so the
+# ones that matter most run before a deadline can cut the rest.
 # Exit status: non-zero when the build or the tests failed.
 set -u
 
@@ -64,7 +66,7 @@ MARKER=$(mktemp)
 SELECT=()
 [ -n "${BENCH_K:-}" ] && SELECT=(-k "$BENCH_K")
 # SIGINT first: pytest then ends the session normally and still writes bench.json.
-timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
+timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest ${BENCH_FILES:-benchmarks/} --benchmark-only -q -p no:cacheprovider \
   --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,stddev,rounds "${SELECT[@]}" >"$OUT/bench.log" 2>&1
 BENCH_RC=$?
 echo "benchmarks rc=$BENCH_RC"
