@@ -8,7 +8,9 @@ A family whose sources do not exist yet is skipped. A failed or impossible build
 usable (a failing extension is reported and skipped, the others still build): the dispatcher falls
 back to the pure-PyTorch reference with a one-line notice.
 
-ENGRAM_NO_EXTENSIONS=1 skips all; ENGRAM_CPU_ARCH sets -march (default: native, the machine that
+ENGRAM_NO_EXTENSIONS=1 skips all; ENGRAM_FAMILIES=memory,lora builds only those families (one process
+per family, each with its own --build-temp, builds them side by side: torch's ninja build file is
+per build directory, so `build_ext -j` over several extensions races); ENGRAM_CPU_ARCH sets -march (default: native, the machine that
 builds is the machine that runs an install from source).
 """
 import os
@@ -60,7 +62,8 @@ def extensions():
         return [], {}
     with_cuda = bool(torch.version.cuda and (cpp.CUDA_HOME or shutil.which("nvcc")))
     exts = []
-    for family in FAMILIES:
+    wanted = os.environ.get("ENGRAM_FAMILIES")
+    for family in (wanted.split(",") if wanted else FAMILIES):
         if os.path.exists(f"csrc/cpu/{family}.cpp"):
             exts.append(cpu_extension(cpp, family))
         if with_cuda and os.path.exists(f"csrc/cuda/{family}.cu"):
