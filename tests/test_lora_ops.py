@@ -274,15 +274,20 @@ def test_merge_rejects_mismatched_adapter():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_threaded_cpu_paths_match_reference(p):
-    """Two threads: the cpu backend's one-block-per-thread single-adapter path (dropout keyed by
-    global rows) and its segment-parallel many-adapter path (CI runs with OMP_NUM_THREADS=1)."""
+@pytest.mark.parametrize("threads", [2, 16])
+def test_threaded_cpu_paths_match_reference(p, threads):
+    """Several threads: the cpu backend's one-block-per-thread single-adapter path (dropout keyed by
+    global rows) and its segment-parallel many-adapter path (CI runs with OMP_NUM_THREADS=1). With
+    16 threads over 37 rows, 3 rows per block leave three threads without rows; memory freed full
+    of NaN just before makes any unwritten per-thread partial gradient show."""
     if not backends.is_available("cpu", "cpu", "lora"):
         pytest.skip("cpu backend not built")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         with backends.use_backend("cpu"):
+            poison = [torch.full((threads, 8, 24), float("nan")) for _ in range(4)]
+            del poison
             x, weight, lora_a, lora_b, bias, grad = _single_inputs((37, 24, 40, 8), "cpu", torch.float32)
             xl, al, bl = _leaves(x, lora_a, lora_b)
             y = lora_linear(xl, weight, al, bl, 2.0, bias, dropout=p, seed=9)
@@ -299,7 +304,7 @@ def test_threaded_cpu_paths_match_reference(p):
             for g, e in zip(got, (ref, *torch.autograd.grad(ref, (x32, a32, b32), grad))):
                 _assert_close(g, e, torch.float32)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
 
 
 def test_custom_op_registrations_pass_opcheck():

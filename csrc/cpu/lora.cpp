@@ -83,16 +83,25 @@ Tensor dropped(const Tensor& x, double p, int64_t seed, int64_t first_row = 0) {
 // parallel region. The rank-r GEMMs are too thin to keep two MKL threads busy: one block of rows
 // per thread, each through single-threaded GEMMs, replaces six short parallel regions with one —
 // which matters most on a loaded machine, where every region waits for its slowest thread.
-int64_t block_count(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows)); }
+struct RowBlocks {
+  int64_t size, count;  // rows per block; blocks, every one non-empty
+};
+
+RowBlocks row_blocks(int64_t rows) {
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  const int64_t size = std::max<int64_t>(1, (rows + wanted - 1) / wanted);
+  // ceil(rows / size) can be fewer than `wanted` (37 rows, 16 threads: 3 rows each, 13 blocks); a
+  // block count of `wanted` would leave per-block partial gradients unwritten.
+  return {size, std::max<int64_t>(1, (rows + size - 1) / size)};
+}
 
 template <typename Body>
 void for_row_blocks(int64_t rows, Body body) {
-  const int64_t threads = block_count(rows);
-  const int64_t block = (rows + threads - 1) / threads;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+  const RowBlocks blocks = row_blocks(rows);
+  at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
     at::NoGradGuard no_grad;  // worker threads do not inherit the caller's grad mode
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t first = t * block, count = std::min(block, rows - first);
+      const int64_t first = t * blocks.size, count = std::min(blocks.size, rows - first);
       if (count > 0) body(first, count, t);
     }
   });
@@ -143,9 +152,10 @@ std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Ten
   // Per block of rows: g = s dy B (N, r), dx += drop'(g A), and this thread's partial dA = gᵀ drop(x)
   // and dBᵀ = uᵀ dy, summed after. Operands in the layouts MKL runs fastest here (B and Aᵀ
   // column-major, dB as (uᵀ dy)ᵀ).
-  const int64_t threads = block_count(x.size(0));
-  Tensor da_parts = at::empty({threads, lora_a.size(0), lora_a.size(1)}, lora_a.options());
-  Tensor dbt_parts = at::empty({threads, lora_b.size(1), lora_b.size(0)}, lora_b.options());
+  const int64_t blocks = row_blocks(x.size(0)).count;
+  // Zeroed: with no rows at all, no block writes its part.
+  Tensor da_parts = at::zeros({blocks, lora_a.size(0), lora_a.size(1)}, lora_a.options());
+  Tensor dbt_parts = at::zeros({blocks, lora_b.size(1), lora_b.size(0)}, lora_b.options());
   const Tensor b_cols = lora_b.t().contiguous().t(), a_cols = lora_a.t().contiguous().t();
   for_row_blocks(x.size(0), [&](int64_t first, int64_t rows, int64_t t) {
     Tensor dy = grad_y.narrow(0, first, rows), dxs = dx.narrow(0, first, rows);
