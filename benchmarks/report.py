@@ -3,20 +3,23 @@
     python benchmarks/report.py benchmarks/results/*.json
 
 Reads the files conftest.py writes and pytest-benchmark's --benchmark-json output alike (both hold
-a "benchmarks" list with params, extra_info and stats). Speedup is the torch reference backend's
-mean time over this row's, for the same op, config and pass. On GPUs "mean ms" is the time per call
+a "benchmarks" list with params, extra_info and stats). The last column compares each row with the
+baseline its op family is judged against, for the same op, config and pass: the torch reference for
+the memory ops ("speedup vs torch"), stock SDPA over the uncompressed cache for KV decode
+("speedup vs sdpa"), and for LoRA the frozen layer without an adapter ("time / base", the
+overhead a LoRA layer adds; 1.00 is the floor). On GPUs "mean ms" is the time per call
 of calls launched back to back; "sync call ms" the latency of one call followed by a synchronize.
 """
 import json
 import sys
 from pathlib import Path
 
-OPS = ("gather", "topk", "lookup", "adam_step")
-CONFIGS = ("smollm2", "large", "large4096")
-PASSES = ("fwd", "bwd", "fwd_bwd")
-BACKENDS = ("torch", "torch_best", "compiled", "cpu", "triton", "cuda")
-COLUMNS = ("op", "config", "pass", "backend", "mean ms", "sync call ms", "GB/s", "% peak", "% roofline", "peak MB", "largest alloc MB",
-           "speedup vs torch")
+OPS = ("gather", "topk", "lookup", "adam_step", "lora", "kv_decode_int4", "kv_decode_int2")
+CONFIGS = ("smollm2", "large", "large4096", "llama8b", "multi8", "multi64")
+PASSES = ("fwd", "bwd", "fwd_bwd", "decode")
+BACKENDS = ("base", "sdpa", "torch", "torch_best", "peft", "loop", "hf_quanto", "compiled", "cpu", "triton", "cuda")
+COLUMNS = ("op", "config", "pass", "backend", "mean ms", "sync call ms", "GB/s", "% peak", "% roofline", "peak MB",
+           "largest alloc MB", "vs baseline")
 MEASURED = ("gbps", "pct_peak", "pct_roofline", "peak_mb", "largest_alloc_mb")  # extra_info keys
 
 
@@ -40,16 +43,38 @@ def number(value, digits=1):
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+def baseline_backend(op):
+    """(backend, how the column reads) each op family is compared with."""
+    if op.startswith("kv_"):
+        return "sdpa", "speedup vs sdpa"
+    if op == "lora":
+        return "base", "time / base"
+    return "torch", "speedup vs torch"
+
+
+def compare(row, baseline_s):
+    if not baseline_s:
+        return ""
+    _, how = baseline_backend(row["op"])
+    ratio = row["mean_s"] / baseline_s if how.startswith("time") else baseline_s / row["mean_s"]
+    return f"{ratio:.2f}x {how.split()[0] if how.startswith('speedup') else 'of base'}"
+
+
 def table(rows):
-    reference = {(r["op"], r["config"], r["pass"]): r["mean_s"] for r in rows if r["backend"] == "torch"}
+    baselines = {}
+    for r in rows:
+        if r["backend"] == baseline_backend(r["op"])[0]:
+            # KV decode: the sdpa rows are timed once per config, under the int4 op only.
+            key = ("kv", r["config"], r["pass"]) if r["op"].startswith("kv_") else (r["op"], r["config"], r["pass"])
+            baselines[key] = r["mean_s"]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in sorted(rows, key=sort_key):
-        ref = reference.get((r["op"], r["config"], r["pass"]))
+        key = ("kv", r["config"], r["pass"]) if r["op"].startswith("kv_") else (r["op"], r["config"], r["pass"])
+        ref = baselines.get(key)
         info = r["info"]
         measured = [number(info.get(key)) for key in MEASURED]
         cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2),
-                 number(info.get("sync_call_ms"), 2), *measured,
-                 f"{ref / r['mean_s']:.2f}x" if ref else ""]
+                 number(info.get("sync_call_ms"), 2), *measured, compare(r, ref)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
