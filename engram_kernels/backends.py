@@ -108,6 +108,14 @@ def choose(device, family="memory"):
     return "torch"
 
 
+BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
+
+
+def op_module(family, device):
+    """The module of engram_kernels.ops.<family> implementing its ops for the backend chosen on `device`."""
+    return importlib.import_module(f"engram_kernels.ops.{family}.{BACKEND_MODULES[choose(device, family)]}")
+
+
 def describe(backend, family="memory"):
     if backend in ("cpu", "cuda"):
         name = extension_name(backend, family)

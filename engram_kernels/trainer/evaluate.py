@@ -37,9 +37,9 @@ import torch
 from ..integrations import add_memory_layers, memory_parameters
 from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
 from .ingest import Document, chunk_documents
-from .learn import LearnConfig, encode, pad_batch, target_loss, train_memory
+from .learn import LearnConfig, encode, pad_batch, target_loss, target_slot_counts, train_memory
 from .models import default_cache_dir, freeze
-from .slots import BACKGROUND_PROMPTS, PROMPTS_KEY, background_counts
+from .slots import BACKGROUND_PROMPTS, PROMPTS_KEY, background_counts, with_learned
 
 METHODS = ("memory", "lora", "lora_replay", "full", "rag", "base")
 TRAINED = ("memory", "lora", "lora_replay", "full")
@@ -501,6 +501,7 @@ class EvalOptions:
     rag_top_k: int = 2
     answer_batch_size: int = 16
     sequential: int = 0              # K > 0: also K learns in a row on one memory
+    protect_learned: float = 0.0     # sequential: weight of earlier learns' slot reads in the background
     background_sequences: int = 32   # background text sampled from the base model (slot counts, replay)
     background_len: int = 64
     seed: int = 0
@@ -661,6 +662,9 @@ class Harness:
             examples = self.training_examples([self.data.documents[i] for i in group])
             stats = train_memory(model, self.tokenizer, examples, background, o.learn,
                                  replay=self.replay_examples(o.learn))
+            if o.protect_learned:
+                learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len)
+                background = with_learned(background, learned, o.protect_learned)
             first = self.score_learned(trained, first_questions)[0]
             current = self.score_learned(trained, [q for q in self.data.questions if q.item in group])[0]
             steps.append({"learn": index, "items": len(group), "train_s": round(stats.seconds, 2),
@@ -724,6 +728,9 @@ def add_eval_arguments(parser):
     parser.add_argument("--plot", metavar="PNG", help="also plot learned vs retained (and a sequential run) here")
     parser.add_argument("--sequential", type=int, default=0, metavar="K",
                         help="also K learns in a row on one memory; report first-batch recall after each")
+    parser.add_argument("--protect-learned", type=float, default=0.0, metavar="W",
+                        help="sequential: count each learn's slot reads W times into the background, "
+                             "so later learns rank those slots low (0: off)")
     defaults, options = LearnConfig(), EvalOptions()
     parser.add_argument("--layers", help="comma-separated decoder layers for memory (default: middle)")
     for name, value in options.memory.items():
@@ -770,7 +777,8 @@ def options_from_args(args):
     return EvalOptions(methods=methods, budget_s=args.budget_s, learn=learn, memory=memory, layers=layers,
                        chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens, lora_lr=args.lora_lr,
                        lora_impl=getattr(args, "lora_impl", "peft"),
-                       full_lr=args.full_lr, sequential=args.sequential, background_sequences=args.background_sequences,
+                       full_lr=args.full_lr, sequential=args.sequential, protect_learned=args.protect_learned,
+                       background_sequences=args.background_sequences,
                        background_len=args.background_len, seed=args.seed)
 
 

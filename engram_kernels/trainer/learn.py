@@ -134,6 +134,21 @@ def _target_loss_at_targets(model, ids, mask, batch, predicting):
     return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE)
 
 
+@torch.no_grad()
+def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8):
+    """({layer: slot reads}, tokens counted) where `examples` predict their target tokens: the slots
+    a learn on them may write (see slots.with_learned)."""
+    device = next(model.parameters()).device
+    encoded = [encode(tokenizer, e, max_len) for e in examples]
+    with SlotCounter(model) as counter:
+        for first in range(0, len(encoded), batch_size):
+            batch = encoded[first:first + batch_size]
+            ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
+            counter.token_mask = predicts_target(batch, ids).flatten()
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    return counter.counts, min(counter.tokens.values(), default=0)
+
+
 def _train_values_only(model):
     for p in model.parameters():
         p.requires_grad_(False)

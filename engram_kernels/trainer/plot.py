@@ -61,10 +61,13 @@ def _scored(report):
 
 
 def _sequential(ax, reports):
+    longest = 0
     for name, report in reports:
         recall = (report.get("sequential") or {}).get("first_batch_recall")
         if recall:
             ax.plot(range(1, len(recall) + 1), recall, marker="o", label=name)
+            longest = max(longest, len(recall))
+    ax.set_xticks(range(1, longest + 1))
     ax.set_xlabel("learn call")
     ax.set_ylabel("first-batch accuracy")
     ax.set_ylim(-0.02, 1.02)

@@ -201,6 +201,17 @@ def background_counts(model, tokenizer, *, cache_path=None, n_sequences=32, seq_
     return background
 
 
+def with_learned(background, learned, weight=1.0):
+    """Background counts plus `weight` x the slot reads of already learned data ({layer: counts},
+    tokens): slots that earlier facts are stored in then rank low for the next learn, as slots in
+    constant background use do, so a later learn is steered away from overwriting them."""
+    counts, tokens = learned
+    merged = {layer: background[layer] + (weight * counts[layer].to(background[layer].device)).long()
+              for layer in background}
+    return BackgroundCounts(merged, int(background.tokens + weight * tokens), background.n_sequences,
+                            background.seq_len)
+
+
 def _check_layers(batch_counts, background):
     missing = sorted(set(batch_counts) - set(background))
     if missing:

@@ -194,7 +194,7 @@ def test_eval_end_to_end_writes_the_documented_json(tmp_path, model_dir, capsys)
 def test_eval_sequential_on_passages(tmp_path, model_dir, capsys):
     plot = tmp_path / "plot.png"
     report = run_eval(tmp_path, model_dir, write_json(tmp_path / "squad.json", PASSAGES), "base", "--sequential", "2",
-                      "--plot", str(plot))
+                      "--plot", str(plot), "--protect-learned", "2")
     assert plot.read_bytes().startswith(b"\x89PNG")
     assert report["kind"] == "squad" and report["questions"] == 3
     sequential = report["sequential"]

@@ -8,7 +8,7 @@ from safetensors import safe_open
 from engram_kernels.integrations import add_memory_layers, memory_layers
 from engram_kernels.trainer import slots
 from engram_kernels.trainer.slots import (BackgroundCounts, SlotCounter, background_counts, tfidf_allow_masks,
-                                          tfidf_scores)
+                                          tfidf_scores, with_learned)
 
 HEADS, K, N_KEYS = 2, 4, 16
 
@@ -163,3 +163,12 @@ def test_corrupt_background_cache_is_recomputed(memory_model, tokenizer, tmp_pat
     assert background.tokens > 0
     assert background_counts(memory_model, tokenizer, cache_path=path, n_sequences=2, seq_len=4).tokens \
         == background.tokens
+
+
+def test_with_learned_adds_weighted_reads_and_lowers_their_rank():
+    background = BackgroundCounts({0: torch.tensor([5, 0, 0, 0])}, tokens=10, n_sequences=2, seq_len=5)
+    merged = with_learned(background, ({0: torch.tensor([0, 3, 0, 0])}, 3), weight=2.0)
+    assert merged[0].tolist() == [5, 6, 0, 0] and merged.tokens == 16 and merged.seq_len == 5
+    batch = {0: torch.tensor([0, 1, 1, 0])}
+    assert tfidf_allow_masks(batch, background, 1)[0].tolist() == [False, True, False, False]
+    assert tfidf_allow_masks(batch, merged, 1)[0].tolist() == [False, False, True, False]

@@ -4,7 +4,6 @@ Each op is a `torch.library.custom_op` under `engram::` (one opaque node for tor
 fake implementation for shapes); eager calls go straight to the backend, skipping the custom-op
 dispatcher's per-call overhead, which a decode step pays once per layer. Inference only: no autograd.
 """
-import importlib
 import math
 from typing import NamedTuple, Optional
 
@@ -14,13 +13,9 @@ from torch import Tensor
 from ... import backends
 from . import checks, naive
 
-_BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
-
-
 def backend_module(device):
     """The module implementing the KV-cache ops for the backend chosen on `device`."""
-    name = backends.choose(device, "kvcache")
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+    return backends.op_module("kvcache", device)
 
 
 def _traced():

@@ -8,7 +8,6 @@ The backward saves x, the frozen weight, the adapter and u = drop(x) Aᵀ (N, r)
 the dropout mask (regenerated from its seed) or ΔW = B A.
 """
 import functools
-import importlib
 from typing import Optional
 
 import torch
@@ -17,13 +16,9 @@ from torch import Tensor
 from ... import backends
 from . import checks, naive
 
-_BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
-
-
 def backend_module(device):
     """The module implementing the LoRA ops for the backend chosen on `device`."""
-    name = backends.choose(device, "lora")
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+    return backends.op_module("lora", device)
 
 
 def _traced():

@@ -6,7 +6,6 @@ Triton, C++ or CUDA code. Eager calls take an equivalent `torch.autograd.Functio
 custom-op dispatcher costs tens of microseconds per call, as much as a whole kernel on a GPU.
 """
 import functools
-import importlib
 from typing import Optional
 
 import torch
@@ -15,13 +14,9 @@ from torch import Tensor
 from ... import backends
 from . import checks, naive
 
-_BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
-
-
 def backend_module(device):
     """The module implementing the memory ops for the backend chosen on `device`."""
-    name = backends.choose(device, "memory")
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+    return backends.op_module("memory", device)
 
 
 def _traced():
