@@ -7,11 +7,7 @@
 // and keeps an online softmax per query row (all GQA heads x query tokens of the KV head). Every
 // warp writes its (max, sum, output) triple; a second kernel merges them. The last split of each
 // head takes the full-precision residual window.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "common.cuh"
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -24,15 +20,7 @@ namespace {
 
 using at::Tensor;
 
-#define ENGRAM_DISPATCH_FLOATS(TYPE, NAME, ...)                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
-constexpr int kWarp = 32;
 constexpr int kWarps = 4;  // per decode block
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kNegInf = -INFINITY;
 
 __device__ __forceinline__ float warp_sum(float x) {

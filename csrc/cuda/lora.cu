@@ -5,11 +5,7 @@
 // perm, so x, dy and y are never copied into sorted order, and finds a row's adapter by a binary
 // search over the segment offsets. Accumulation is fp32; the per-adapter gradient sums add their
 // row blocks with fp32 atomics. Offsets into x / dy / y are int64.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "common.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -20,13 +16,6 @@ namespace {
 
 using at::Tensor;
 
-#define ENGRAM_DISPATCH_FLOATS(TYPE, NAME, ...)                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
-constexpr int kWarp = 32;
 constexpr int kKeepBits = 24;
 constexpr int kShrinkThreads = 128;
 constexpr int kExpandThreads = 256;

@@ -2,11 +2,7 @@
 //
 // Memory-bound kernels move 16-byte packs per thread and keep several independent loads in
 // flight; all accumulation is fp32. Row offsets are int64 (1M slots x 4096 columns overflows int32).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+#include "common.cuh"
 
 #include <cub/cub.cuh>
 
@@ -23,15 +19,6 @@ namespace {
 
 using at::Tensor;
 
-// Only the three dtypes checks.py admits; fewer instantiations than AT_DISPATCH_FLOATING_TYPES_AND2.
-#define ENGRAM_DISPATCH_FLOATS(TYPE, NAME, ...)                           \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kPackBytes = 16;
 constexpr int kMaxThreads = 256;
 
