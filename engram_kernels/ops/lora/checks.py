@@ -1,20 +1,7 @@
 """Input validation, run before any kernel so bad input fails with a clear Python error."""
 import torch
 
-from ..memory.checks import FLOAT_DTYPES, ID_DTYPES, check_same_device
-
-
-def _fail(op, message):
-    raise ValueError(f"{op}: {message}")
-
-
-def check_float(op, name, t, ndim):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if ndim is not None and t.dim() != ndim:
-        _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+from ..memory.checks import FLOAT_DTYPES, ID_DTYPES, _fail, check_float, check_same_device
 
 
 def check_same_dtype(op, **tensors):

@@ -11,6 +11,8 @@ is accumulated into y / dx in place. A backend module supplies the kernels that 
     grouped_outer(small, big, perm, offsets)    (n, r, C) fp32: Σ over a's rows of small[i]ᵀ big[perm[i]]
 with a(i) the adapter of sorted row i (segments from naive.segments; rows before offsets[1] have none).
 """
+import functools
+
 import torch
 
 
@@ -46,3 +48,9 @@ def multi_backward(kernels, grad_y, x, weight, lora_a, lora_b, scales, perm, off
     db_t = kernels.grouped_outer(u, grad_y, perm, offsets, lora_a.shape[0])
     db = (db_t * scales.view(-1, 1, 1)).transpose(1, 2)
     return dx, da.to(lora_a.dtype), db.to(lora_b.dtype).contiguous()
+
+
+def bind(kernels):
+    """(lora_forward, lora_backward, multi_forward, multi_backward) of a GPU backend: the functions
+    above with that backend's adapter kernels."""
+    return tuple(functools.partial(f, kernels) for f in (lora_forward, lora_backward, multi_forward, multi_backward))

@@ -35,17 +35,4 @@ class _Kernels:
         return _ext().grouped_outer(small.contiguous(), big, perm, offsets, n_adapters)
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, scale, p, seed):
-    return composite.lora_forward(_Kernels, x, weight, bias, lora_a, lora_b, scale, p, seed)
-
-
-def lora_backward(grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
-    return composite.lora_backward(_Kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed)
-
-
-def multi_forward(x, weight, bias, lora_a, lora_b, scales, perm, offsets):
-    return composite.multi_forward(_Kernels, x, weight, bias, lora_a, lora_b, scales, perm, offsets)
-
-
-def multi_backward(grad_y, x, weight, lora_a, lora_b, scales, perm, offsets, u):
-    return composite.multi_backward(_Kernels, grad_y, x, weight, lora_a, lora_b, scales, perm, offsets, u)
+lora_forward, lora_backward, multi_forward, multi_backward = composite.bind(_Kernels)

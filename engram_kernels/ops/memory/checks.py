@@ -14,7 +14,7 @@ def check_float(op, name, t, ndim):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if t.dim() != ndim:
+    if ndim is not None and t.dim() != ndim:  # None: any number of dimensions
         _fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
