@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from ..eager import eager_function
 from . import checks, naive
 
 def backend_module(device):
@@ -79,16 +80,7 @@ def _lora_grad(ctx, grad_y, _grad_u, backward):
 _lora_op.register_autograd(functools.partial(_lora_grad, backward=_lora_backward_op), setup_context=_lora_setup)
 
 
-class _LoRALinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _lora_forward(*inputs)
-        _lora_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_u):
-        return _lora_grad(ctx, grad_y, grad_u, _lora_backward_impl)
+_LoRALinear = eager_function("_LoRALinear", _lora_forward, _lora_setup, _lora_grad, _lora_backward_impl)
 
 
 def random_seed():
@@ -162,16 +154,8 @@ def _multi_grad(ctx, grad_y, _grad_u, backward):
 _multi_op.register_autograd(functools.partial(_multi_grad, backward=_multi_backward_op), setup_context=_multi_setup)
 
 
-class _LoRALinearMulti(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _multi_forward(*inputs)
-        _multi_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_u):
-        return _multi_grad(ctx, grad_y, grad_u, _multi_backward_impl)
+_LoRALinearMulti = eager_function("_LoRALinearMulti", _multi_forward, _multi_setup, _multi_grad,
+                                  _multi_backward_impl)
 
 
 def per_row_ids(adapter_ids, x):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from ..eager import eager_function
 from . import checks, naive
 
 def backend_module(device):
@@ -67,16 +68,7 @@ _pk_topk_op.register_autograd(functools.partial(_pk_topk_grad, backward=_pk_topk
                               setup_context=_pk_topk_setup)
 
 
-class _PkTopk(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):  # the ctx-in-forward style: a third of setup_context's call overhead
-        output = _pk_topk_forward(*inputs)
-        _pk_topk_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_scores, grad_ids):
-        return _pk_topk_grad(ctx, grad_scores, grad_ids, _pk_topk_backward_impl)
+_PkTopk = eager_function("_PkTopk", _pk_topk_forward, _pk_topk_setup, _pk_topk_grad, _pk_topk_backward_impl)
 
 
 def pk_topk(query, keys1, keys2, k, check_values=True):
@@ -139,16 +131,7 @@ _gather_op.register_autograd(functools.partial(_gather_grad, backward=_gather_ba
                              setup_context=_gather_setup)
 
 
-class _WeightedGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _gather_forward(*inputs)
-        _gather_setup(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _gather_grad(ctx, grad_out, _gather_backward_impl)
+_WeightedGather = eager_function("_WeightedGather", _gather_forward, _gather_setup, _gather_grad, _gather_backward_impl)
 
 
 def rows_to_grad(rows, row_grads, shape, sparse):
