@@ -49,6 +49,14 @@ def extension(name):
     return module
 
 
+def require_extension(name):
+    """The compiled extension `name`, or a RuntimeError saying why it is unavailable."""
+    module = extension(name)
+    if module is None:
+        raise RuntimeError(f"engram_kernels.{name} is {_status[name]}")
+    return module
+
+
 def triton_available(device_type):
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False

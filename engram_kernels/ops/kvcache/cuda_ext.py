@@ -1,21 +1,17 @@
 """`cuda` backend: the CUDA kernels in csrc/cuda/kvcache.cu (fp32 math, fp16 scales).
 
-Importable without a GPU: the extension is only looked up (and is None there). Shapes beyond the
+Importable without a GPU: the extension is only looked up when a kernel is called. Shapes beyond the
 decode kernel's limits (head dims other than 64 and 128, more than DECODE_MAX_ROWS query rows per
 KV head) take the Triton kernel.
 """
+import functools
+
 import torch
 
-from ...backends import extension
+from ...backends import require_extension
 from . import triton_kernels
 
-_C = extension("_C_kvcache_cuda")
-
-
-def _ext():
-    if _C is None:
-        raise RuntimeError("engram_kernels._C_kvcache_cuda is not available (not built, or no CUDA device)")
-    return _C
+_ext = functools.partial(require_extension, "_C_kvcache_cuda")
 
 
 def quantize_keys(keys, bits, group_size):

@@ -1,19 +1,15 @@
 """`cuda` backend: the CUDA kernels in csrc/cuda/lora.cu for dropout and the SGMV segments, with the
 frozen GEMMs in cuBLAS (composite.py).
 
-Importable without a GPU: the extension is only looked up (and is None there); the functions are
+Importable without a GPU: the extension is only looked up when a kernel is called. the functions are
 only called once the backend has been chosen for a CUDA tensor.
 """
-from ...backends import extension
+import functools
+
+from ...backends import require_extension
 from . import composite
 
-_C = extension("_C_lora_cuda")
-
-
-def _ext():
-    if _C is None:
-        raise RuntimeError("engram_kernels._C_lora_cuda is not available (not built, or no CUDA device)")
-    return _C
+_ext = functools.partial(require_extension, "_C_lora_cuda")
 
 
 class _Kernels:

@@ -1,19 +1,15 @@
 """`cuda` backend: the CUDA kernels in csrc/cuda/memory.cu (fp32 accumulation, 16-byte packs).
 
-Importable without a GPU: the extension is only looked up (and is None there); the functions are
+Importable without a GPU: the extension is only looked up when a kernel is called. the functions are
 only called once the backend has been chosen for a CUDA tensor.
 """
-from ...backends import extension
+import functools
+
+from ...backends import require_extension
 
 from . import naive
 
-_C = extension("_C_memory_cuda")
-
-
-def _ext():
-    if _C is None:
-        raise RuntimeError("engram_kernels._C_memory_cuda is not available (not built, or no CUDA device)")
-    return _C
+_ext = functools.partial(require_extension, "_C_memory_cuda")
 
 
 def pk_topk(query, keys1, keys2, k):
