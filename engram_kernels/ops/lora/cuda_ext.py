@@ -1,8 +1,8 @@
 """`cuda` backend: the CUDA kernels in csrc/cuda/lora.cu for dropout and the SGMV segments, with the
 frozen GEMMs in cuBLAS (composite.py).
 
-Importable without a GPU: the extension is only looked up when a kernel is called. the functions are
-only called once the backend has been chosen for a CUDA tensor.
+Importable without a GPU: the extension is only looked up when a kernel is called, which happens
+once the backend has been chosen for a CUDA tensor.
 """
 import functools
 

@@ -1,7 +1,7 @@
 """`cuda` backend: the CUDA kernels in csrc/cuda/memory.cu (fp32 accumulation, 16-byte packs).
 
-Importable without a GPU: the extension is only looked up when a kernel is called. the functions are
-only called once the backend has been chosen for a CUDA tensor.
+Importable without a GPU: the extension is only looked up when a kernel is called, which happens
+once the backend has been chosen for a CUDA tensor.
 """
 import functools
 
