@@ -5,7 +5,8 @@ from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llam
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from engram_kernels import backends
-from engram_kernels.modules.kv_cache import QuantizedKVCache, QuantizedKVLayer, enable_packed_kv_attention
+from engram_kernels.modules.kv_cache import (QuantizedKVCache, QuantizedKVLayer, enable_packed_kv_attention,
+                                             hadamard_rotation)
 from engram_kernels.ops.kvcache import functional
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -36,10 +37,11 @@ def generate(model, cache, prompt, attention_mask=None):
                           min_new_tokens=NEW, do_sample=False)
 
 
-@pytest.mark.parametrize("bits, group_size, residual, sinks", [(4, 8, 4, 0), (2, 8, 0, 0), (4, 16, 16, 0),
-                                                                (2, 8, 4, 3)])
+@pytest.mark.parametrize("bits, group_size, residual, sinks, options", [
+    (4, 8, 4, 0, {}), (2, 8, 0, 0, {}), (4, 16, 16, 0, {}), (2, 8, 4, 3, {}),
+    (2, 8, 4, 3, dict(key_clip=0.7, rotate=True)), (4, 8, 0, 0, dict(rotate=True))])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_generate_packed_equals_dequantized_copy(backend, bits, group_size, residual, sinks, decode_calls):
+def test_generate_packed_equals_dequantized_copy(backend, bits, group_size, residual, sinks, options, decode_calls):
     if not backends.is_available(backend, "cpu", "kvcache"):
         pytest.skip(f"{backend} unavailable")
     model = tiny_model()
@@ -48,7 +50,7 @@ def test_generate_packed_equals_dequantized_copy(backend, bits, group_size, resi
     with backends.use_backend(backend):
         for packed in (True, False):
             cache = QuantizedKVCache(model.config, bits=bits, group_size=group_size, residual_length=residual,
-                                     packed_attention=packed, sink_length=sinks)
+                                     packed_attention=packed, sink_length=sinks, **options)
             outputs[packed] = generate(model, cache, prompt)
             layer = cache.layers[0]
             total = PROMPT + NEW - 1
@@ -67,13 +69,35 @@ def test_cache_is_smaller_and_close_to_full_precision():
         reference = model(prompt).logits[:, -1]
         sizes = {}
         for bits in (4, 2):
-            cache = QuantizedKVCache(model.config, bits=bits, group_size=32, residual_length=0)
+            cache = QuantizedKVCache(model.config, bits=bits, group_size=32, residual_length=0, sink_length=0)
             model(prompt[:, :-1], past_key_values=cache)
             logits = model(prompt[:, -1:], past_key_values=cache).logits[:, -1]
             sizes[bits] = cache.bytes_per_token()
             assert (logits - reference).abs().max() < (0.05 if bits == 4 else 0.3)
     fp32_bytes = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * TINY["head_dim"] * 4
     assert fp32_bytes / sizes[4] > 4 and fp32_bytes / sizes[2] > 6  # head dim 16: scales weigh more
+
+
+def test_rotation_leaves_attention_unchanged():
+    """With nothing quantized yet (a long residual window), a rotated cache gives the logits of an
+    ordinary one: the query is rotated like the keys and the output rotated back."""
+    model = tiny_model()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        reference = model(ids).logits[:, 30:]
+        cache = QuantizedKVCache(model.config, bits=2, residual_length=64, rotate=True)
+        model(ids[:, :30], past_key_values=cache)
+        logits = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(30, 40)], 1)
+    assert cache.layers[0].packed.num_tokens == 0
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_hadamard_rotation_is_orthogonal():
+    for dim in (16, 64, 128, 80):
+        r = hadamard_rotation(dim, "cpu")
+        torch.testing.assert_close(r @ r.T, torch.eye(dim), rtol=0, atol=1e-5)
+        if dim & (dim - 1) == 0:  # Hadamard: every entry +-1/sqrt(dim), so every channel is spread evenly
+            torch.testing.assert_close(r.abs(), torch.full((dim, dim), dim ** -0.5))
 
 
 def test_left_padded_batch_matches_dequantized_copy():
@@ -125,6 +149,8 @@ def test_bad_arguments():
         QuantizedKVLayer(group_size=0)
     with pytest.raises(ValueError, match="sink_length >= 0"):
         QuantizedKVCache(sink_length=-1)
+    with pytest.raises(ValueError, match="clip must be a number"):
+        QuantizedKVCache(key_clip=0.0)
 
 
 @pytest.mark.parametrize("residual, sinks, packed_calls", [(4, 0, 3), (8, 2, 3), (0, 2, 1)])

@@ -74,6 +74,31 @@ def test_quantize_matches_reference(kv_case, shape):
                     torch.testing.assert_close(a.cpu(), e, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("t, g", [(64, 32), (37, 16), (5, 8)])
+def test_clip_key_range_keeps_the_middle_of_each_group(t, g):
+    keys = torch.randn(2, 3, t, 16) * torch.linspace(0.1, 5, 16)  # channels of different ranges
+    clipped = naive.clip_key_range(keys, g, 0.6)
+    for start in range(0, t, g):
+        x, c = keys[:, :, start:start + g], clipped[:, :, start:start + g]
+        lo, hi = x.amin(2), x.amax(2)
+        mid, half = (lo + hi) / 2, (hi - lo) * 0.3
+        torch.testing.assert_close(c.amin(2), mid - half)
+        torch.testing.assert_close(c.amax(2), mid + half)
+        inside = (x >= (mid - half)[:, :, None]) & (x <= (mid + half)[:, :, None])
+        assert torch.equal(c[inside], x[inside])
+    assert naive.clip_key_range(keys, g, 1.0) is keys
+
+
+def test_clipped_quantization_spends_levels_on_the_bulk():
+    """int2 codes over a clipped range: the bulk is reproduced better, though the extremes are cut."""
+    keys = torch.randn(1, 4, 256, 64, generator=torch.Generator().manual_seed(7))
+    errors = {}
+    for clip in (1.0, 0.7):
+        packed = quantize_kv(keys, keys, 2, 64, key_clip=clip)
+        errors[clip] = (dequantize_kv(packed)[0] - keys).pow(2).mean()
+    assert errors[0.7] < 0.8 * errors[1.0]
+
+
 @pytest.mark.parametrize("shape", QUANT_SHAPES, ids=str)
 def test_dequantize_matches_reference_and_bounds_error(kv_case, shape):
     b, h, t, d, bits, g = shape
@@ -166,6 +191,9 @@ def no_kernel_may_run(monkeypatch):
     (lambda: quantize_values(torch.randn(1, 1, 4, 8), 8, 4), ValueError, "bits must be 2 or 4"),
     (lambda: quantize_values(torch.randn(1, 1, 4, 24), 4, 16), ValueError, r"multiple of the value group"),
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 4, 0), ValueError, "group_size must be a positive int"),
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 2, 4, clip=0), ValueError, r"clip must be a number in \(0, 1\]"),
+    (lambda: quantize_kv(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 2, 4, key_clip=1.5), ValueError,
+     "clip must be"),
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8).double(), 4, 4), TypeError, "keys must be float32"),
     (lambda: quantize_keys(torch.randn(4, 8), 4, 4), ValueError, "keys must have 4 dimensions"),
     (lambda: quantize_values(torch.full((1, 1, 4, 8), float("nan")), 4, 4), ValueError, "values contains NaN"),

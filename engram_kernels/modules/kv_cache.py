@@ -15,8 +15,17 @@ layer's `update` returns the new states tagged with their layer, and the registe
 function reads the packed cache from there (also for several new tokens at once, causal). Steps
 with a padding mask (left-padded batches) take the dequantize-then-SDPA path, with the same numbers.
 
-`sink_length=S` keeps the first S tokens in full precision too (attention sinks: not part of
-KIVI, but cheap, and it helps int2 on small models; see scripts/kv_quality.py).
+Beyond KIVI, three options that make int2 usable on small models (measured in
+scripts/kv_quality.py / eval_results/kv_quality.json; `sink_length=0, key_clip=1.0` is plain KIVI):
+  * `sink_length=S` (default 16) keeps the first S tokens in full precision (attention sinks draw
+    large weights and have outlying keys);
+  * `key_clip=c` < 1 quantizes each key group over the middle c of its range (default: 0.7 for
+    int2, 1.0 for int4): the four int2 levels go to the bulk of the values. Keep sinks with it:
+    their keys are the outliers that clipping would otherwise flatten;
+  * `rotate=True` stores keys and values multiplied by a fixed orthogonal (randomized Hadamard)
+    matrix R per head: q.k and p.V are unchanged when the query is rotated too and the output
+    rotated back, and the rotation spreads outlying channels over all channels. The kernels are
+    untouched; a decode step pays two small (D x D) products per layer.
 
 Without `enable_packed_kv_attention` (or with `packed_attention=False`) the cache works with any
 attention implementation: `update` returns the dequantized keys and values, as transformers' own
@@ -24,6 +33,7 @@ QuantizedCache does. Sliding-window layers (Gemma3, Qwen2 with sliding windows) 
 ordinary full-precision layers; Llama (SmolLM2), Mistral, Qwen2 and Qwen3 models run entirely packed.
 """
 import functools
+import math
 
 import torch
 from transformers import AttentionInterface
@@ -32,7 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..ops.kvcache import PackedKV, decode_attention, quantize_kv
-from ..ops.kvcache import naive
+from ..ops.kvcache import checks, naive
 
 ATTENTION_NAME = "engram_packed_kv"
 _LAYER_ATTR = "_engram_kv_layer"  # set on the key states a packed layer hands to attention
@@ -44,21 +54,28 @@ class QuantizedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, bits=4, group_size=64, residual_length=128, packed_attention=True, sink_length=0):
+    def __init__(self, bits=4, group_size=64, residual_length=128, packed_attention=True, sink_length=16,
+                 key_clip=None, rotate=False):
         super().__init__()
         if bits not in (2, 4):
             raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        key_clip = default_key_clip(bits) if key_clip is None else key_clip
+        checks.check_clip("QuantizedKVCache", key_clip)
         if group_size < 1 or residual_length < 0 or sink_length < 0:
             raise ValueError(f"group_size must be >= 1, residual_length and sink_length >= 0, got {group_size}, "
                              f"{residual_length}, {sink_length}")
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         self.sink_length = sink_length
         self.packed_attention = packed_attention
+        self.key_clip, self.rotate = key_clip, rotate
+        self.rotation = None
         self.packed = None
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.rotate:
+            self.rotation = hadamard_rotation(key_states.shape[-1], key_states.device)
         self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
         self.sink_keys, self.sink_values = self.keys, self.values
         self.packed = quantize_kv(self.keys, self.values, self.bits, self.group_size, check_values=False)
@@ -69,8 +86,8 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         prefill = self.cumulative_length == 0
         self.cumulative_length += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, self.rotated(key_states)], dim=-2)
+        self.values = torch.cat([self.values, self.rotated(value_states)], dim=-2)
         self._fill_sinks()
         self._flush()
         if prefill:  # the prompt attends to its own full-precision states
@@ -105,17 +122,26 @@ class QuantizedKVLayer(DynamicLayer):
             return
         n = groups * self.group_size
         fresh = quantize_kv(self.keys[..., :n, :], self.values[..., :n, :], self.bits, self.group_size,
-                            check_values=False)
+                            check_values=False, key_clip=self.key_clip)
         self.packed = PackedKV(*(torch.cat([old, new], dim=2) for old, new in zip(self.packed.tensors(),
                                                                                  fresh.tensors())),
                                self.bits, self.group_size)
         self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
 
+    def rotated(self, x, inverse=False):
+        """x in the stored basis (x R), or back from it (x R^T); the identity without rotation."""
+        if self.rotation is None:
+            return x
+        r = self.rotation.T if inverse else self.rotation
+        return (x.float() @ r).to(x.dtype)
+
     def dequantized(self):
         """(keys, values) of every cached token, the packed ones dequantized, in the cache dtype."""
         p = self.packed
         keys, values = naive.full_cache(*p.tensors(), self.keys, self.values, p.bits, p.group_size, self.dtype)
-        return torch.cat([self.sink_keys, keys], dim=-2), torch.cat([self.sink_values, values], dim=-2)
+        keys = torch.cat([self.sink_keys, keys], dim=-2)
+        values = torch.cat([self.sink_values, values], dim=-2)
+        return self.rotated(keys, inverse=True), self.rotated(values, inverse=True)
 
     def get_seq_length(self):
         return self.cumulative_length
@@ -154,10 +180,11 @@ class QuantizedKVCache(Cache):
     """
 
     def __init__(self, config=None, bits=4, group_size=64, residual_length=128, packed_attention=None,
-                 sink_length=0):
+                 sink_length=16, key_clip=None, rotate=False):
         if packed_attention is None:
             packed_attention = config is None or getattr(config, "_attn_implementation", None) == ATTENTION_NAME
-        make = functools.partial(QuantizedKVLayer, bits, group_size, residual_length, packed_attention, sink_length)
+        make = functools.partial(QuantizedKVLayer, bits, group_size, residual_length, packed_attention, sink_length,
+                                 key_clip, rotate)
         make()  # validates the arguments now rather than at the first forward
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         if config is None:
@@ -194,8 +221,29 @@ def packed_kv_attention(module, query, key, value, attention_mask, dropout=0.0, 
             attention_mask = naive.causal_mask(q_len, kv_len, query.device)[None, None]
         return sdpa_attention_forward(module, query, keys, values, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    out = decode_attention(query, layer.packed, *layer.full_precision(), scale=scaling, check_values=False)
-    return out.transpose(1, 2).contiguous(), None
+    out = decode_attention(layer.rotated(query), layer.packed, *layer.full_precision(), scale=scaling,
+                           check_values=False)
+    return layer.rotated(out, inverse=True).transpose(1, 2).contiguous(), None
+
+
+def default_key_clip(bits):
+    """0.7 for int2 (measured in scripts/kv_quality.py), 1.0 (plain min/max) for int4."""
+    return 0.7 if bits == 2 else 1.0
+
+
+def hadamard_rotation(dim, device, seed=0):
+    """An orthogonal (dim, dim) fp32 matrix that spreads every channel over all others: a normalized
+    Hadamard matrix with random column signs when dim is a power of two, else a random orthogonal one."""
+    gen = torch.Generator().manual_seed(seed)
+    if dim & (dim - 1) == 0:
+        h = torch.ones(1, 1)
+        while h.shape[0] < dim:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        signs = torch.randint(0, 2, (dim,), generator=gen) * 2 - 1
+        r = h * signs / math.sqrt(dim)
+    else:
+        r, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))
+    return r.to(device)
 
 
 def _plain_causal(mask, q_len, kv_len):

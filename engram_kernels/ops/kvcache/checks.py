@@ -37,6 +37,11 @@ def check_quantize(op, x, bits, group_size, check_values=True):
     check_format(op, x.shape[-1], bits, group_size)
 
 
+def check_clip(op, clip):
+    if not isinstance(clip, (int, float)) or not 0 < clip <= 1:
+        raise ValueError(f"{op}: clip must be a number in (0, 1], got {clip!r}")
+
+
 def check_codes(op, name, codes, shape):
     if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
         raise TypeError(f"{op}: {name} must be a uint8 tensor, got {getattr(codes, 'dtype', type(codes))}")

@@ -101,10 +101,13 @@ _dequantize_keys_op.register_fake(_fake_dequantize)
 _dequantize_values_op.register_fake(_fake_dequantize)
 
 
-def quantize_keys(keys, bits=4, group_size=64, check_values=True):
+def quantize_keys(keys, bits=4, group_size=64, check_values=True, clip=1.0):
     """Keys (B, H, T, D) -> (codes uint8 (B, H, T, D*bits/8), scale, zero fp16 (B, H, ceil(T/G), D)):
-    per-channel asymmetric quantization over groups of `group_size` tokens (KIVI)."""
+    per-channel asymmetric quantization over groups of `group_size` tokens (KIVI). `clip` < 1
+    quantizes each group over the middle `clip` of its range (see naive.clip_key_range)."""
     checks.check_quantize("quantize_keys", keys, bits, group_size, check_values)
+    checks.check_clip("quantize_keys", clip)
+    keys = naive.clip_key_range(keys, group_size, clip)
     op = _quantize_keys_op if _traced() else _quantize_keys
     return op(keys.contiguous(), bits, group_size)
 
@@ -129,9 +132,9 @@ def dequantize_values(codes, scale, zero, bits=4, group_size=64, dtype=torch.flo
     return op(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits, group_size, dtype)
 
 
-def quantize_kv(keys, values, bits=4, group_size=64, check_values=True):
+def quantize_kv(keys, values, bits=4, group_size=64, check_values=True, key_clip=1.0):
     """Both halves of a cache (B, H, T, D) -> PackedKV."""
-    return PackedKV(*quantize_keys(keys, bits, group_size, check_values),
+    return PackedKV(*quantize_keys(keys, bits, group_size, check_values, key_clip),
                     *quantize_values(values, bits, group_size, check_values), bits, group_size)
 
 

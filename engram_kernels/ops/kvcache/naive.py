@@ -56,15 +56,36 @@ def _min_max_codes(x, dim, bits):
     return codes, scale, zero
 
 
-def quantize_keys(keys, bits, group_size):
-    """Per-channel groups of `group_size` tokens (the last group may be partial)."""
+def _key_groups(keys, group_size):
+    """keys (B, H, T, D) -> fp32 (B, H, T/G, G, D) padded with NaN rows, and its per-channel
+    (min, max) over each group, NaN-aware (so the last group may be partial)."""
     b, h, t, d = keys.shape
     n_groups = math.ceil(t / group_size)
     x = F.pad(keys.float(), (0, 0, 0, n_groups * group_size - t), value=float("nan"))
     x = x.view(b, h, n_groups, group_size, d)
-    # Padding rows are NaN, ignored by the nan-aware min/max below.
     lo = torch.where(torch.isnan(x), torch.inf, x).amin(3, keepdim=True)
     hi = torch.where(torch.isnan(x), -torch.inf, x).amax(3, keepdim=True)
+    return x, lo, hi
+
+
+def clip_key_range(keys, group_size, ratio):
+    """Clamps each channel of each group of `group_size` tokens to the middle `ratio` of its
+    [min, max] range. Quantizing the result spends the few int2 levels on the bulk of the values
+    rather than on rare extremes; every backend's min/max then finds the clipped range. A
+    pre-pass in plain torch, so all backends share it."""
+    if ratio >= 1:
+        return keys
+    x, lo, hi = _key_groups(keys, group_size)
+    mid, half = (lo + hi) / 2, (hi - lo) * (ratio / 2)
+    x = torch.minimum(torch.maximum(x, mid - half), mid + half)
+    return x.flatten(2, 3)[:, :, :keys.shape[2]].to(keys.dtype)
+
+
+def quantize_keys(keys, bits, group_size):
+    """Per-channel groups of `group_size` tokens (the last group may be partial)."""
+    b, h, t, d = keys.shape
+    x, lo, hi = _key_groups(keys, group_size)
+    n_groups = x.shape[2]
     levels = (1 << bits) - 1
     zero, scale = lo.to(SCALE_DTYPE), ((hi - lo) / levels).to(SCALE_DTYPE)
     safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))

@@ -1,8 +1,8 @@
 """`triton` backend: Triton kernels for the KV-cache ops (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-fp32 math whatever the storage dtype. Packed codes are unpacked in registers by loading each
-channel's byte (the PER channels sharing a byte hit the same cache line) and shifting: codes never
-pass through memory unpacked. Decode attention is split-K flash decoding: one program per (batch,
+fp32 math whatever the storage dtype. Packed codes are unpacked in registers: each token's bytes
+are loaded once, contiguously, and split into bit planes, which in the planar layout are runs of
+whole channels; codes never pass through memory unpacked. Decode attention is split-K flash decoding: one program per (batch,
 KV head, split of the tokens) handles all query rows of that KV head (GQA heads x query tokens,
 padded to 16 for tl.dot), the last split of each head takes the full-precision residual window,
 and a second kernel merges the splits' (max, sum, output) triples.
@@ -41,12 +41,17 @@ def _precision():
 
 
 @triton.jit
-def _unpack(packed_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr):
-    """Codes (BLOCK, D) as fp32 of the packed rows `rows` (planar layout, see naive.py)."""
+def _unpack(packed_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Codes (BLOCK, D) as fp32 of the packed rows `rows`. Each row's P bytes are loaded once,
+    contiguously, and split into their PER bit planes: in the planar layout (naive.py) plane i
+    holds channels i*P .. i*P + P - 1, so planes laid side by side are the channels in order."""
     P: tl.constexpr = D * BITS // 8
-    c = tl.arange(0, D)
-    byte = tl.load(packed_ptr + rows[:, None] * P + (c % P)[None, :], mask=row_mask[:, None], other=0)
-    return ((byte.to(tl.int32) >> ((c // P) * BITS)[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    PER: tl.constexpr = 8 // BITS
+    j = tl.arange(0, P)
+    byte = tl.load(packed_ptr + rows[:, None] * P + j[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    shifts = (tl.arange(0, PER) * BITS)[None, :, None]
+    planes = (byte[:, None, :] >> shifts) & ((1 << BITS) - 1)  # (BLOCK, PER, P)
+    return tl.reshape(planes, (BLOCK, D)).to(tl.float32)
 
 
 @triton.jit
@@ -110,20 +115,34 @@ def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, n_rows, D: tl
 
 
 @triton.jit
-def _key_params(scale_ptr, zero_ptr, head, tok, ok, n_groups, G: tl.constexpr, D: tl.constexpr):
-    """Per-token copies of the token's group's per-channel scale and zero, (BLOCK, D) fp32."""
+def _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, tok, ok, n_groups, G: tl.constexpr, D: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """codes (BLOCK, D) of tokens `tok` -> keys. A tile that starts on a multiple of BLOCK lies in
+    one group when BLOCK divides G: one (D,) scale/zero row serves it. Otherwise each token
+    gathers its group's row."""
     c = tl.arange(0, D)
+    if G % BLOCK == 0:
+        at = (head * n_groups + tl.min(tok) // G) * D + c
+        s = tl.load(scale_ptr + at).to(tl.float32)
+        z = tl.load(zero_ptr + at).to(tl.float32)
+        return codes * s[None, :] + z[None, :]
     at = (head * n_groups + tok // G)[:, None] * D + c[None, :]
-    return (tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32),
-            tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32))
+    s = tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    return codes * s + z
 
 
 @triton.jit
-def _value_params(scale_ptr, zero_ptr, rows, ok, D: tl.constexpr, GV: tl.constexpr):
-    c = tl.arange(0, D)
-    at = rows[:, None] * (D // GV) + (c // GV)[None, :]
-    return (tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32),
-            tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32))
+def _dequantize_value_tile(codes, scale_ptr, zero_ptr, rows, ok, D: tl.constexpr, GV: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """codes (BLOCK, D) of rows `rows` -> values: one scale/zero per token per GV channels,
+    loaded once and broadcast over the group's channels."""
+    NG: tl.constexpr = D // GV
+    at = rows[:, None] * NG + tl.arange(0, NG)[None, :]
+    s = tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    z = tl.load(zero_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    grouped = tl.reshape(codes, (BLOCK, NG, GV))
+    return tl.reshape(grouped * s[:, :, None] + z[:, :, None], (BLOCK, D))
 
 
 @triton.jit
@@ -133,13 +152,13 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups,
     tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = tok < t_len
     rows = head * t_len + tok
-    q = _unpack(codes_ptr, rows, ok, D, BITS)
+    codes = _unpack(codes_ptr, rows, ok, D, BITS, BLOCK)
     if KEYS:
-        s, z = _key_params(scale_ptr, zero_ptr, head, tok, ok, n_groups, G, D)
+        x = _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, tok, ok, n_groups, G, D, BLOCK)
     else:
-        s, z = _value_params(scale_ptr, zero_ptr, rows, ok, D, GV)
+        x = _dequantize_value_tile(codes, scale_ptr, zero_ptr, rows, ok, D, GV, BLOCK)
     c = tl.arange(0, D)
-    tl.store(out_ptr + rows[:, None] * D + c[None, :], (q * s + z).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(out_ptr + rows[:, None] * D + c[None, :], x.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -179,12 +198,11 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         tok = t0 + j
         ok = tok < t_end
         rows = head * packed_len + tok
-        ks, kz = _key_params(ks_ptr, kz_ptr, head, tok, ok, n_groups, G, D)
-        k = _unpack(kc_ptr, rows, ok, D, BITS) * ks + kz
+        k = _dequantize_key_tile(_unpack(kc_ptr, rows, ok, D, BITS, BLOCK), ks_ptr, kz_ptr, head, tok, ok, n_groups,
+                                 G, D, BLOCK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
-        vs, vz = _value_params(vs_ptr, vz_ptr, rows, ok, D, GV)
-        v = _unpack(vc_ptr, rows, ok, D, BITS) * vs + vz
+        v = _dequantize_value_tile(_unpack(vc_ptr, rows, ok, D, BITS, BLOCK), vs_ptr, vz_ptr, rows, ok, D, GV, BLOCK)
         m, l, acc = _fold(s, m, l, acc, v, PRECISION)
         t0 += BLOCK
 
