@@ -2,10 +2,10 @@
 
 fp32 math whatever the storage dtype. Packed codes are unpacked in registers: each token's bytes
 are loaded once, contiguously, and split into bit planes, which in the planar layout are runs of
-whole channels; codes never pass through memory unpacked. Decode attention is split-K flash decoding: one program per (batch,
-KV head, split of the tokens) handles all query rows of that KV head (GQA heads x query tokens,
-padded to 16 for tl.dot), the last split of each head takes the full-precision residual window,
-and a second kernel merges the splits' (max, sum, output) triples.
+whole channels; codes never pass through memory unpacked. Decode attention is split-K flash
+decoding: one program per (batch, KV head, split of the tokens) handles all query rows of that KV
+head (GQA heads x query tokens, padded to 16 for tl.dot), the last split of each head takes the
+full-precision residual window, and a second kernel merges the splits' (max, sum, output) triples.
 
 Loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter rejects a
 runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be powers of two
