@@ -20,7 +20,7 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import LearnConfig, train_memory
+from .learn import MEMORY_LAYER, LearnConfig, train_memory
 from .models import load_model
 from .slots import background_counts
 from .versions import MemoryStore
@@ -171,10 +171,10 @@ def build_parser():
     learn.add_argument("--endpoint", help="OpenAI-compatible base URL for --dream external")
     learn.add_argument("--endpoint-model", default="gpt-4o-mini")
     learn.add_argument("--layers", help="comma-separated decoder layers for new memory (default: middle)")
-    learn.add_argument("--n-keys", type=int, default=256, help="sub-keys per half: n_keys**2 slots")
-    learn.add_argument("--heads", type=int, default=4)
-    learn.add_argument("--k", type=int, default=32)
-    learn.add_argument("--key-dim", type=int, default=256)
+    learn.add_argument("--n-keys", type=int, default=MEMORY_LAYER["n_keys"], help="sub-keys per half: n_keys**2 slots")
+    learn.add_argument("--heads", type=int, default=MEMORY_LAYER["heads"])
+    learn.add_argument("--k", type=int, default=MEMORY_LAYER["k"], help="slots read per head and token")
+    learn.add_argument("--key-dim", type=int, default=MEMORY_LAYER["key_dim"])
     defaults = LearnConfig()
     learn.add_argument("--top-t", type=int, default=defaults.top_t, help="slots allowed to change per batch")
     learn.add_argument("--lr", type=float, default=defaults.lr)

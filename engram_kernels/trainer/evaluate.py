@@ -37,7 +37,7 @@ import torch
 from ..integrations import add_memory_layers, memory_parameters
 from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
 from .ingest import Document, chunk_documents
-from .learn import LearnConfig, encode, pad_batch, target_loss, target_slot_counts, train_memory
+from .learn import MEMORY_LAYER, LearnConfig, encode, pad_batch, target_loss, target_slot_counts, train_memory
 from .models import default_cache_dir, freeze
 from .slots import BACKGROUND_PROMPTS, PROMPTS_KEY, background_counts, with_learned
 
@@ -490,7 +490,7 @@ class EvalOptions:
     methods: tuple = METHODS
     budget_s: float = None           # seconds per training method; None: the memory method's own time
     learn: LearnConfig = dataclasses.field(default_factory=LearnConfig)
-    memory: dict = dataclasses.field(default_factory=lambda: dict(heads=4, k=32, n_keys=256, key_dim=256))
+    memory: dict = dataclasses.field(default_factory=lambda: dict(MEMORY_LAYER))
     layers: list = None              # decoder layers for memory (None: the middle one)
     chunk_tokens: int = 256          # RAG passages, as `engram learn` chunks documents
     max_new_tokens: int = None       # None: 64 for facts (full-sentence answers), 32 for passages
