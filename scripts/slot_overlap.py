@@ -14,6 +14,7 @@ apart, whatever t is.
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from engram_kernels.trainer.dreaming import Example
@@ -69,10 +70,9 @@ def main(argv=None):
         rows.append(measure(base, tokenizer, k, n_keys))
         print(json.dumps(rows[-1]), flush=True)
     Path(args.out).write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "memory_layer": "middle (15)",
-                                          "command": " ".join(["python scripts/slot_overlap.py", *(argv or [])]),
+                                          "command": " ".join(["python scripts/slot_overlap.py", *(sys.argv[1:] if argv is None else argv)]),
                                           "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
-    import sys
-    main(sys.argv[1:])
+    main()

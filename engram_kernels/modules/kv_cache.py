@@ -231,9 +231,11 @@ def default_key_clip(bits):
     return 0.7 if bits == 2 else 1.0
 
 
+@functools.lru_cache(maxsize=None)
 def hadamard_rotation(dim, device, seed=0):
     """An orthogonal (dim, dim) fp32 matrix that spreads every channel over all others: a normalized
-    Hadamard matrix with random column signs when dim is a power of two, else a random orthogonal one."""
+    Hadamard matrix with random column signs when dim is a power of two, else a random orthogonal one.
+    Built once per (dim, device, seed) and shared by every layer; read-only."""
     gen = torch.Generator().manual_seed(seed)
     if dim & (dim - 1) == 0:
         h = torch.ones(1, 1)

@@ -115,14 +115,14 @@ def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, n_rows, D: tl
 
 
 @triton.jit
-def _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, tok, ok, n_groups, G: tl.constexpr, D: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    """codes (BLOCK, D) of tokens `tok` -> keys. A tile that starts on a multiple of BLOCK lies in
-    one group when BLOCK divides G: one (D,) scale/zero row serves it. Otherwise each token
-    gathers its group's row."""
+def _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, t0, tok, ok, n_groups, G: tl.constexpr,
+                         D: tl.constexpr, BLOCK: tl.constexpr):
+    """codes (BLOCK, D) of tokens `tok` = t0 + 0..BLOCK-1 -> keys. A tile starting on a multiple of
+    BLOCK lies in one group when BLOCK divides G: one (D,) scale/zero row serves it. Otherwise each
+    token gathers its group's row."""
     c = tl.arange(0, D)
     if G % BLOCK == 0:
-        at = (head * n_groups + tl.min(tok) // G) * D + c
+        at = (head * n_groups + t0 // G) * D + c
         s = tl.load(scale_ptr + at).to(tl.float32)
         z = tl.load(zero_ptr + at).to(tl.float32)
         return codes * s[None, :] + z[None, :]
@@ -148,13 +148,13 @@ def _dequantize_value_tile(codes, scale_ptr, zero_ptr, rows, ok, D: tl.constexpr
 @triton.jit
 def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups, KEYS: tl.constexpr,
                        G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    head = tl.program_id(0)
-    tok = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    head, t0 = tl.program_id(0), tl.program_id(1) * BLOCK
+    tok = t0 + tl.arange(0, BLOCK)
     ok = tok < t_len
     rows = head * t_len + tok
     codes = _unpack(codes_ptr, rows, ok, D, BITS, BLOCK)
     if KEYS:
-        x = _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, tok, ok, n_groups, G, D, BLOCK)
+        x = _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, t0, tok, ok, n_groups, G, D, BLOCK)
     else:
         x = _dequantize_value_tile(codes, scale_ptr, zero_ptr, rows, ok, D, GV, BLOCK)
     c = tl.arange(0, D)
@@ -198,8 +198,8 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         tok = t0 + j
         ok = tok < t_end
         rows = head * packed_len + tok
-        k = _dequantize_key_tile(_unpack(kc_ptr, rows, ok, D, BITS, BLOCK), ks_ptr, kz_ptr, head, tok, ok, n_groups,
-                                 G, D, BLOCK)
+        k = _dequantize_key_tile(_unpack(kc_ptr, rows, ok, D, BITS, BLOCK), ks_ptr, kz_ptr, head, t0, tok, ok,
+                                 n_groups, G, D, BLOCK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
         v = _dequantize_value_tile(_unpack(vc_ptr, rows, ok, D, BITS, BLOCK), vs_ptr, vz_ptr, rows, ok, D, GV, BLOCK)
