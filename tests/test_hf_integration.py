@@ -2,8 +2,10 @@
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
-from engram_kernels.integrations import add_memory_layers, load_memory, memory_layers, memory_parameters, save_memory
+from engram_kernels.integrations import (add_memory_layers, calibrate_memory_queries, load_memory, memory_layers,
+                                         memory_parameters, save_memory)
 from engram_kernels.optim import FusedSparseAdam
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -94,6 +96,8 @@ def test_training_changes_only_allowed_memory_rows_and_no_base_weight(family):
 def test_memory_saves_and_loads_apart_from_the_base(tmp_path):
     model = build("llama")
     add_memory_layers(model, layers=[0, 2], **MEMORY)
+    calibrate_memory_queries(model, [(TOKENS, torch.ones_like(TOKENS))])  # the calibration saves too
+    assert all(m.query_center.abs().sum() > 0 for m in memory_layers(model).values())
     _train(model, torch.ones(MEMORY["n_keys"] ** 2, dtype=torch.bool), steps=2)
     with torch.no_grad():
         expected = model(TOKENS).logits
@@ -103,6 +107,18 @@ def test_memory_saves_and_loads_apart_from_the_base(tmp_path):
     load_memory(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(fresh(TOKENS).logits, expected)
+
+
+def test_memory_saved_without_a_query_center_loads_uncentered(tmp_path):
+    model = build("llama")
+    add_memory_layers(model, layers=[1], **MEMORY)
+    save_memory(model, tmp_path)
+    path = tmp_path / "memory.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.endswith("query_center")}
+    save_file(tensors, path)
+    fresh = build("llama")
+    load_memory(fresh, tmp_path)
+    assert memory_layers(fresh)[1].query_center.abs().sum() == 0
 
 
 def test_bad_layer_choices_are_rejected():

@@ -94,3 +94,42 @@ def test_invalid_configuration_is_rejected():
         ProductKeyMemory(32, key_dim=15)
     with pytest.raises(ValueError, match="k must be in"):
         ProductKeyMemory(32, k=9, n_keys=8)
+
+
+def _anisotropic_inputs(n=2000, dim=32, seed=0):
+    """Hidden-state-like inputs: one large direction shared by every token, uneven spread."""
+    gen = torch.Generator().manual_seed(seed)
+    common = 6.0 * torch.randn(dim, generator=gen)
+    return common + torch.randn(n, dim, generator=gen) * torch.linspace(0.05, 2.0, dim)
+
+
+def test_calibrated_queries_whiten_the_centered_input():
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, **SMALL)
+    x = _anisotropic_inputs()
+    projection = memory.query.weight.detach().double().clone()
+    memory.calibrate_queries(x, shrinkage=1e-6)
+    torch.testing.assert_close(memory.query_center, x.mean(0))
+    # W_new = W C^-1/2, so W_new C W_new^T = W W^T
+    covariance = torch.cov((x - x.mean(0)).T.double())
+    weight = memory.query.weight.double()
+    torch.testing.assert_close(weight @ covariance @ weight.T, projection @ projection.T, rtol=1e-3, atol=1e-3)
+
+
+def test_calibration_spreads_tokens_over_more_slots():
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, heads=1, k=1, n_keys=16, key_dim=16)
+    x = _anisotropic_inputs()
+    before = memory.lookup(x)[0].unique().numel()
+    memory.calibrate_queries(x)
+    assert memory.lookup(x)[0].unique().numel() > 2 * before
+
+
+def test_calibration_rejects_too_few_or_non_finite_rows():
+    memory = ProductKeyMemory(32, **SMALL)
+    with pytest.raises(ValueError, match="at least 2 finite"):
+        memory.calibrate_queries(torch.randn(1, 32))
+    with pytest.raises(ValueError, match="at least 2 finite"):
+        memory.calibrate_queries(torch.full((4, 32), float("nan")))
+    with pytest.raises(ValueError, match="shrinkage"):
+        memory.calibrate_queries(torch.randn(4, 32), shrinkage=0)

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -99,6 +100,33 @@ def memory_disabled(model):
             wrapper.memory_enabled = True
 
 
+@torch.no_grad()
+def calibrate_memory_queries(model, batches, shrinkage=0.1):
+    """Run `model` over `batches` of (input_ids, attention_mask) and calibrate every memory's
+    queries on the inputs it sees at unmasked positions (ProductKeyMemory.calibrate_queries).
+    Meant for fresh memories, before any training; returns the model."""
+    layers = memory_layers(model)
+    if not layers:
+        raise ValueError("model has no memory layers: add_memory_layers(model, ...) first")
+    seen = {layer: [] for layer in layers}
+    keep = {}
+
+    def collector(layer):
+        return lambda module, args: seen[layer].append(args[0].reshape(-1, module.dim)[keep["mask"]].float().cpu())
+
+    hooks = [memory.register_forward_pre_hook(collector(layer)) for layer, memory in layers.items()]
+    try:
+        for ids, mask in batches:
+            keep["mask"] = mask.reshape(-1).bool()
+            model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer, memory in layers.items():
+        memory.calibrate_queries(torch.cat(seen[layer]) if seen[layer] else torch.empty(0, memory.dim), shrinkage)
+    return model
+
+
 def memory_parameters(model):
     return [p for memory in memory_layers(model).values() for p in memory.parameters()]
 
@@ -136,5 +164,7 @@ def load_memory(model, path):
         if memory.config() != layer_config:
             raise ValueError(f"layer {i}: saved memory config {layer_config} differs from the model's {memory.config()}")
         prefix = f"layers.{i}."
-        memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        state.setdefault("query_center", torch.zeros_like(memory.query_center))  # saved before calibration existed
+        memory.load_state_dict(state)
     return model

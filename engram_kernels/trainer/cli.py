@@ -5,7 +5,8 @@
     engram memory list | rollback VERSION        versions written by each learn
 
 State lives in --home (default $ENGRAM_HOME or ./.engram): journal.sqlite (what was ingested),
-memory/ (base memory + versions), background.safetensors (slot usage on background text).
+memory/ (base memory + versions), background.json (text the model wrote itself: memory addressing,
+slot usage, replay) and background.safetensors (its slot counts).
 """
 import argparse
 import os
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..integrations import add_memory_layers, memory_layers
+from ..integrations import memory_layers
+from .background import add_calibrated_memory, background_counts, sample_background
 from .dreaming import drop_known, external_examples, fallback_examples, format_prompt, self_study_examples
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
 from .learn import MEMORY_LAYER, LearnConfig, train_memory
 from .models import load_model
-from .slots import background_counts
 from .versions import MemoryStore
 
 DEFAULT_HOME = ".engram"
@@ -51,13 +52,18 @@ def open_model(home, args, create=False):
     elif create:
         model, tokenizer = load_model(args.model)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        background = _background(home, model, tokenizer, args.seed)
         torch.manual_seed(args.seed)  # the memory's keys and query projection are part of its identity
-        add_memory_layers(model, layers=layers, **_memory_config(args))
+        add_calibrated_memory(model, tokenizer, background, layers, not args.no_calibrate, **_memory_config(args))
         store.save_base(model, args.model or "")
     else:
         raise SystemExit(f"engram: no memory in {home}; run `engram learn PATH...` first")
     model.requires_grad_(False).eval()
     return model, tokenizer, store
+
+
+def _background(home, model, tokenizer, seed):
+    return sample_background(model, tokenizer, seed=seed, cache_path=home / "background.json")
 
 
 def sync_journal(journal, store):
@@ -101,14 +107,17 @@ def cmd_learn(args):
         if not pending:
             print("nothing new to learn")
             return 0
-        background = background_counts(model, tokenizer, cache_path=home / "background.safetensors")
+        background = _background(home, model, tokenizer, args.seed)
+        counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors")
         examples = _examples(pending, model, tokenizer, args)
         kept, skipped = drop_known(examples, model, tokenizer, args.skip_known)
         print(f"dreamed {len(examples)} examples; {skipped} skipped as already known")
         before = {layer: m.values.detach().clone() for layer, m in memory_layers(model).items()}
         config = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                             max_len=args.max_len, distill_weight=args.distill, seed=args.seed)
-        stats = train_memory(model, tokenizer, kept, background, config, progress=_progress) if kept else None
+                             max_len=args.max_len, distill_weight=args.distill, replay_per_batch=args.replay,
+                             seed=args.seed)
+        stats = train_memory(model, tokenizer, kept, counts, config, progress=_progress,
+                             replay=background) if kept else None
         summary = {**(stats.as_dict() if stats else {}), "skipped_known": skipped}
         version = store.save_version(model, before, [d.id for d in pending], summary)
         journal.mark_learned([d.id for d in pending], version)
@@ -175,12 +184,16 @@ def build_parser():
     learn.add_argument("--heads", type=int, default=MEMORY_LAYER["heads"])
     learn.add_argument("--k", type=int, default=MEMORY_LAYER["k"], help="slots read per head and token")
     learn.add_argument("--key-dim", type=int, default=MEMORY_LAYER["key_dim"])
+    learn.add_argument("--no-calibrate", action="store_true",
+                       help="new memory: keep the random query projection (default: whitened on background text)")
     defaults = LearnConfig()
     learn.add_argument("--top-t", type=int, default=defaults.top_t, help="slots allowed to change per batch")
     learn.add_argument("--lr", type=float, default=defaults.lr)
     learn.add_argument("--epochs", type=int, default=defaults.epochs)
     learn.add_argument("--batch-size", type=int, default=defaults.batch_size)
     learn.add_argument("--max-len", type=int, default=defaults.max_len)
+    learn.add_argument("--replay", type=int, default=defaults.replay_per_batch,
+                       help="background examples (the model's own text) mixed into every batch")
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
     learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")

@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
-from ..integrations import add_memory_layers, memory_parameters
-from .dreaming import Example, fallback_examples, format_prompt, prompt_ids
+from ..integrations import memory_parameters
+from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
+from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
 from .learn import MEMORY_LAYER, LearnConfig, encode, pad_batch, target_loss, target_slot_counts, train_memory
 from .models import default_cache_dir, freeze
-from .slots import BACKGROUND_PROMPTS, PROMPTS_KEY, background_counts, with_learned
+from .slots import with_learned
 
 METHODS = ("memory", "lora", "lora_replay", "full", "rag", "base")
 TRAINED = ("memory", "lora", "lora_replay", "full")
@@ -207,17 +208,24 @@ def load_retention(path, limit=None):
     return questions
 
 
+def question_scores(kind, question, answer):
+    """One question's {"hit": bool, ...}: ROUGE-L recall for "qa" (hit at >= ROUGE_PASS), contains
+    and token F1 for "squad" and "retention"."""
+    if kind == "qa":
+        recall = max(rouge_l_recall(answer, g) for g in question.answers)
+        return {"hit": recall >= ROUGE_PASS, "rouge_l": recall}
+    return {"hit": bool(max(contains(answer, g) for g in question.answers)),
+            "f1": max(token_f1(answer, g) for g in question.answers)}
+
+
 def score_answers(kind, questions, answers):
     """{"acc", "f1"} for "squad" and "retention" (contains, token F1); {"acc", "rouge_l"} for "qa"
     (share with ROUGE-L recall >= ROUGE_PASS, mean recall); None for no questions."""
     if not questions:
         return None
-    if kind == "qa":
-        recalls = [max(rouge_l_recall(a, g) for g in q.answers) for q, a in zip(questions, answers)]
-        return {"acc": _mean([r >= ROUGE_PASS for r in recalls]), "rouge_l": _mean(recalls)}
-    hits = [max(contains(a, g) for g in q.answers) for q, a in zip(questions, answers)]
-    f1 = [max(token_f1(a, g) for g in q.answers) for q, a in zip(questions, answers)]
-    return {"acc": _mean(hits), "f1": _mean(f1)}
+    scores = [question_scores(kind, q, a) for q, a in zip(questions, answers)]
+    metric = "rouge_l" if kind == "qa" else "f1"
+    return {"acc": _mean(s["hit"] for s in scores), metric: _mean(s[metric] for s in scores)}
 
 
 def _mean(values):
@@ -331,30 +339,33 @@ def _bytes(parameters):
     return sum(p.numel() * p.element_size() for p in parameters)
 
 
-def fresh_memory_model(base, tokenizer, memory_config, layers=None, background=None, seed=0):
-    """(copy of `base` with new memory layers, all frozen; its background slot counts). `background`:
-    keyword arguments of slots.background_counts (cache_path, n_sequences, seq_len)."""
+def fresh_memory_model(base, tokenizer, memory_config, background, layers=None, seed=0, calibrate=True,
+                       counts_cache=None):
+    """(copy of `base` with new memory layers, all frozen, addressing calibrated on the `background`
+    examples unless `calibrate` is False; the slot counts of those examples, cached at `counts_cache`)."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)  # the memory's keys and query projection
-    add_memory_layers(model, layers=layers, **memory_config)
+    add_calibrated_memory(model, tokenizer, background, layers, calibrate, **memory_config)
     freeze(model)
-    return model, background_counts(model, tokenizer, **(background or {}))
+    return model, background_counts(model, tokenizer, background, counts_cache)
 
 
-def train_memory_method(base, tokenizer, examples, config, memory_config, layers=None, budget_s=None,
-                        background=None, seed=0, replay=None):
-    """Fresh memory layers on a copy of `base`, trained by train_memory: for config.epochs, or with
-    `budget_s` for as many epochs as fit in that many seconds. `replay`: background examples that
-    train_memory mixes into each batch (config.replay_per_batch of them)."""
-    model, background = fresh_memory_model(base, tokenizer, memory_config, layers, background, seed)
+def train_memory_method(base, tokenizer, examples, config, memory_config, background, layers=None,
+                        budget_s=None, seed=0, calibrate=True, counts_cache=None):
+    """Fresh memory layers on a copy of `base` (fresh_memory_model), trained by train_memory: for
+    config.epochs, or with `budget_s` for as many epochs as fit in that many seconds. The
+    `background` examples also replay (config.replay_per_batch of them join each batch)."""
+    model, counts = fresh_memory_model(base, tokenizer, memory_config, background, layers, seed, calibrate,
+                                       counts_cache)
+    replay = background if config.replay_per_batch else None
     trained = Trained(model, extra_bytes=_bytes(memory_parameters(model)))
     if not examples:
         return trained
     if budget_s is None:
-        stats = train_memory(model, tokenizer, examples, background, config, replay=replay)
+        stats = train_memory(model, tokenizer, examples, counts, config, replay=replay)
         trained.train_s, trained.steps, trained.tokens = stats.seconds, stats.steps, stats.tokens
         return trained
-    return _train_memory_for(trained, tokenizer, examples, background, config, budget_s, replay)
+    return _train_memory_for(trained, tokenizer, examples, counts, config, budget_s, replay)
 
 
 def _train_memory_for(trained, tokenizer, examples, background, config, budget_s, replay=None):
@@ -453,36 +464,6 @@ def train_full_method(base, tokenizer, examples, config, budget_s, lr=1e-5):
     return Trained(model, seconds, steps, tokens, extra_bytes=_bytes(parameters))
 
 
-@torch.no_grad()
-def sample_background_examples(model, tokenizer, n_sequences=32, seq_len=64, seed=0, cache_path=None):
-    """Replay examples: text the model itself writes from BOS and from slots.BACKGROUND_PROMPTS (nucleus
-    sampling, as slots.background_counts samples it), as "raw" examples. Cached as JSON at `cache_path`."""
-    if cache_path and Path(cache_path).is_file():
-        records = json.loads(Path(cache_path).read_text())
-        return [Example(r["prompt"], r["target"], "raw", "background", "") for r in records]
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    records = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for index, prompt in enumerate(BACKGROUND_PROMPTS):
-            count = n_sequences // len(BACKGROUND_PROMPTS) + (index < n_sequences % len(BACKGROUND_PROMPTS))
-            if not count:
-                continue
-            ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                 top_p=0.95, top_k=0, max_new_tokens=seq_len, num_return_sequences=count,
-                                 pad_token_id=pad_id)
-            for row in out[:, ids.shape[1]:]:
-                text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                if text:
-                    records.append({"prompt": prompt, "target": text})
-    if cache_path:
-        Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(cache_path).write_text(json.dumps(records))
-    return [Example(r["prompt"], r["target"], "raw", "background", "") for r in records]
-
-
 # ---------------------------------------------------------------- the harness
 
 @dataclasses.dataclass
@@ -502,8 +483,9 @@ class EvalOptions:
     answer_batch_size: int = 16
     sequential: int = 0              # K > 0: also K learns in a row on one memory
     protect_learned: float = 0.0     # sequential: weight of earlier learns' slot reads in the background
-    background_sequences: int = 32   # background text sampled from the base model (slot counts, replay)
+    background_sequences: int = 32   # background text sampled from the base model (addressing, slot counts, replay)
     background_len: int = 64
+    calibrate: bool = True           # center and whiten the memory's queries on the background text
     seed: int = 0
     cache_dir: str = None            # background counts / replay text (None: default_cache_dir()/eval)
 
@@ -519,10 +501,9 @@ class Harness:
         self.max_new_tokens = options.max_new_tokens or (64 if data.kind == "qa" else 32)
         cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir() / "eval"
         key = hashlib.sha256(str(getattr(base.config, "_name_or_path", "")).encode()).hexdigest()[:12]
-        self.background = {"cache_path": cache / f"background-{key}.safetensors",
-                           "n_sequences": options.background_sequences, "seq_len": options.background_len}
-        self.replay_cache = (cache / f"replay-{key}-{options.background_sequences}x{options.background_len}"
-                                     f"-seed{options.seed}-{PROMPTS_KEY}.json")
+        self.counts_cache = cache / f"background-counts-{key}.safetensors"
+        self.text_cache = (cache / f"background-text-{key}-{options.background_sequences}x{options.background_len}"
+                                  f"-seed{options.seed}-{PROMPTS_KEY}.json")
         self.retention_before = None
 
     def training_examples(self, documents):
@@ -542,11 +523,14 @@ class Harness:
         return generate_answers(trained.model, self.tokenizer, prompts, max_new_tokens, self.options.answer_batch_size)
 
     def score_learned(self, trained, questions=None):
-        """(scores, mean prompt tokens per question, a few sample answers) on the learned questions."""
+        """(scores, mean prompt tokens per question, the first 3 answers, up to 5 missed ones) on the
+        learned questions."""
         questions = self.data.questions if questions is None else questions
         answers, prompt_tokens = self.ask(trained, questions, self.max_new_tokens)
-        samples = [{"question": q.question, "gold": q.answers[0], "answer": a} for q, a in zip(questions[:3], answers)]
-        return score_answers(self.data.kind, questions, answers), _mean(prompt_tokens), samples
+        samples = [{"question": q.question, "gold": q.answers[0], "answer": a} for q, a in zip(questions, answers)]
+        missed = [sample for sample, q in zip(samples, questions)
+                  if not question_scores(self.data.kind, q, sample["answer"])["hit"]]
+        return score_answers(self.data.kind, questions, answers), _mean(prompt_tokens), samples[:3], missed[:5]
 
     def score_retention(self, trained):
         """Retention scores, with "answers" (one per retention question) added; None without retention."""
@@ -566,25 +550,28 @@ class Harness:
 
     # -- methods
 
-    def replay_examples(self, learn=None):
-        """Background text sampled once from the base model (cached); None for a memory run without replay."""
-        if learn is not None and not learn.replay_per_batch:
-            return None
+    def background(self):
+        """Text sampled once from the base model (cached): calibration, slot counts and replay."""
         o = self.options
-        return sample_background_examples(self.base, self.tokenizer, o.background_sequences, o.background_len,
-                                          o.seed, self.replay_cache)
+        return sample_background(self.base, self.tokenizer, o.background_sequences, o.background_len, o.seed,
+                                 self.text_cache)
+
+    def fresh_memory(self):
+        o = self.options
+        return fresh_memory_model(self.base, self.tokenizer, o.memory, self.background(), o.layers, o.seed,
+                                  o.calibrate, self.counts_cache)
 
     def train(self, method, budget_s):
         o = self.options
         if method == "memory":
-            return train_memory_method(self.base, self.tokenizer, self.examples, o.learn, o.memory, o.layers,
-                                       budget_s, self.background, o.seed, self.replay_examples(o.learn))
+            return train_memory_method(self.base, self.tokenizer, self.examples, o.learn, o.memory, self.background(),
+                                       o.layers, budget_s, o.seed, o.calibrate, self.counts_cache)
         if method == "lora":
             return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
                                      impl=o.lora_impl)
         if method == "lora_replay":
             return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
-                                     self.replay_examples(), replay_per_batch=max(1, o.learn.batch_size // 2),
+                                     self.background(), replay_per_batch=max(1, o.learn.batch_size // 2),
                                      impl=o.lora_impl)
         if method == "full":
             return train_full_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.full_lr)
@@ -598,7 +585,7 @@ class Harness:
         start = time.perf_counter()
         trained = self.train(method, budget_s)
         asked = time.perf_counter()
-        learned, prompt_tokens, samples = self.score_learned(trained)
+        learned, prompt_tokens, samples, missed = self.score_learned(trained)
         before = self.retention_before
         retention = before if method == "base" else self.score_retention(trained)
         kept = f", retention {retention['acc']:.3f}" if retention else ""
@@ -616,6 +603,7 @@ class Harness:
             "retention_before": before["acc"] if before else None,
             "retention_drop": round(before["acc"] - retention["acc"], 4) if before and retention else None,
             "samples": samples,
+            "missed_samples": missed,
             "forgotten_samples": self.forgotten(retention) if before and retention else [],
         }
         result.update({f"learned_{k}": v for k, v in learned.items() if k != "acc"})
@@ -653,15 +641,14 @@ class Harness:
             raise ValueError(f"--sequential {k}: needs between 1 and {items} (the number of learned items) batches")
         groups = [list(range(items * i // k, items * (i + 1) // k)) for i in range(k)]
         o = self.options
-        model, background = fresh_memory_model(self.base, self.tokenizer, o.memory, o.layers, self.background,
-                                               o.seed)
+        model, background = self.fresh_memory()
+        replay = self.background() if o.learn.replay_per_batch else None
         trained = Trained(model)
         first_questions = [q for q in self.data.questions if q.item in groups[0]]
         steps = []
         for index, group in enumerate(groups, 1):
             examples = self.training_examples([self.data.documents[i] for i in group])
-            stats = train_memory(model, self.tokenizer, examples, background, o.learn,
-                                 replay=self.replay_examples(o.learn))
+            stats = train_memory(model, self.tokenizer, examples, background, o.learn, replay=replay)
             if o.protect_learned:
                 learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len)
                 background = with_learned(background, learned, o.protect_learned)
@@ -753,6 +740,8 @@ def add_eval_arguments(parser):
     parser.add_argument("--background-sequences", type=int, default=options.background_sequences,
                         help="sequences of background text sampled from the model (slot statistics, replay)")
     parser.add_argument("--background-len", type=int, default=options.background_len, help="their length in tokens")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep the memory's random query projection (default: centered and whitened on the background text)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -779,7 +768,7 @@ def options_from_args(args):
                        lora_impl=getattr(args, "lora_impl", "peft"),
                        full_lr=args.full_lr, sequential=args.sequential, protect_learned=args.protect_learned,
                        background_sequences=args.background_sequences,
-                       background_len=args.background_len, seed=args.seed)
+                       background_len=args.background_len, calibrate=not args.no_calibrate, seed=args.seed)
 
 
 def command_line(args):

@@ -1,8 +1,10 @@
 """Sparse memory finetuning: write training examples into the memory layers of a frozen model.
 
 Per batch: count which memory slots the batch reads where it predicts target tokens, rank them by
-TF-IDF against background counts (slots.py), and let only the top-t slots of each layer change
-through the fused sparse Adam step.
+TF-IDF against background counts (slots.py, background.py), and let only the top-t slots of each
+layer change through the fused sparse Adam step. A fresh memory's addressing is calibrated on the
+same background text first (background.add_calibrated_memory), so that different content reads
+different slots.
 Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
 only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
 plus optional context distillation: the base model with the source document in its prompt is the
@@ -33,12 +35,12 @@ MEMORY_LAYER = dict(heads=4, k=4, n_keys=256, key_dim=256)
 class LearnConfig:
     top_t: int = 4096          # slots per memory layer allowed to change per batch
     lr: float = 1.0             # Adam on value rows: a row moves about lr per step; zero-init rows need large steps
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 8
     max_len: int = 128
     distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
     distill_top_k: int = 32      # teacher log-probs kept per target token
-    replay_per_batch: int = 0    # background (replay) examples added to every batch, when replay is given
+    replay_per_batch: int = 2    # background (replay) examples added to every batch, when replay is given
     seed: int = 0
 
 
@@ -191,7 +193,7 @@ class LearnStats:
 
 def train_memory(model, tokenizer, examples, background, config=LearnConfig(), progress=None, replay=None):
     """Train the memory values of `model` on `examples`; returns LearnStats. `background` is
-    {layer: access counts} from slots.background_counts; `progress(step, total, loss, tok_per_s)`.
+    {layer: access counts} from background.background_counts; `progress(step, total, loss, tok_per_s)`.
 
     `replay`: examples of background text (the model's own) of which config.replay_per_batch join
     every batch. Their slot reads do not rank; their loss pulls back allowed slots that also serve

@@ -6,38 +6,11 @@ often the same slots are read on background text; only the top-t slots of each l
 Slots that background text reads all the time hold general knowledge and rank low; slots the new
 batch reads often but background text rarely are specific to the new data and rank high.
 """
-import hashlib
-import json
 import math
-import os
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..integrations.hf import memory_layers
-from .dreaming import prompt_ids
-
-# Prompts for background text: generic writing, and the short factual answers a chat model gives
-# all day (slots that such answers read are in constant use, so they must rank low and, with
-# replay, stay put). "" means: start from BOS and let the model ramble.
-BACKGROUND_PROMPTS = (
-    "",
-    "Tell me a short story.",
-    "Explain how something you use every day works.",
-    "Write a few sentences about an event in history.",
-    "Describe a place in nature.",
-    "Give some advice for learning a new skill.",
-    "Explain a scientific idea in simple words.",
-    "What makes a good friend?",
-    "Name a famous book and say who wrote it.",
-    "Name a country, its capital and one fact about it.",
-    "Tell me about a famous scientist or inventor and what they are known for.",
-    "Name a famous painting or piece of music and who made it.",
-    "Tell me about a famous landmark and where it is.",
-    "Answer briefly: what is the largest planet, ocean or desert you know of?",
-)
-PROMPTS_KEY = hashlib.sha256("\n".join(BACKGROUND_PROMPTS).encode()).hexdigest()[:12]
 
 
 class SlotCounter:
@@ -90,115 +63,11 @@ class SlotCounter:
 
 
 class BackgroundCounts(dict):
-    """{layer: int64 access counts} on background text, plus how much text that was."""
+    """{layer: int64 access counts} on background text, plus how many tokens and examples that was."""
 
-    def __init__(self, counts, tokens, n_sequences, seq_len):
+    def __init__(self, counts, tokens, n_sequences=0):
         super().__init__(counts)
-        self.tokens, self.n_sequences, self.seq_len = tokens, n_sequences, seq_len
-
-
-def _fingerprint(model):
-    """Hash of what decides which slots a token reads: base model id, memory configs, query/key weights."""
-    digest = hashlib.sha256(str(getattr(model.config, "_name_or_path", "")).encode())
-    for layer, memory in sorted(memory_layers(model).items()):
-        digest.update(f"{layer}:{json.dumps(memory.config(), sort_keys=True)}".encode())
-        for t in (memory.query.weight, memory.query_norm.weight, memory.keys1, memory.keys2):
-            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _load_cache(path, model, expected):
-    """The cached counts when `path` holds counts for this model and these settings, else None
-    (also for an unreadable file: the counts are then recomputed and the file rewritten)."""
-    if not path or not os.path.exists(path):
-        return None
-    memories = memory_layers(model)
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            if any(meta.get(k) != str(v) for k, v in expected.items()):
-                return None
-            if sorted(f.keys()) != sorted(f"layer.{i}" for i in memories):
-                return None
-            counts = {i: f.get_tensor(f"layer.{i}").to(m.values.device) for i, m in memories.items()}
-    except (OSError, SafetensorError):
-        return None
-    if any(c.numel() != memories[i].n_slots for i, c in counts.items()):
-        return None
-    return BackgroundCounts(counts, int(meta["tokens"]), int(meta["n_sequences"]), int(meta["seq_len"]))
-
-
-def _save_cache(path, background, expected):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    meta = {k: str(v) for k, v in expected.items()}
-    meta["tokens"] = str(background.tokens)
-    tmp = f"{path}.tmp"
-    save_file({f"layer.{i}": c.cpu().contiguous() for i, c in background.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)  # a crash never leaves a half-written cache
-
-
-def _generated_mask(new_tokens, eos_id):
-    """True for generated tokens up to and including the first eos (later ones are padding)."""
-    if eos_id is None:
-        return torch.ones_like(new_tokens, dtype=torch.bool)
-    after_eos = (new_tokens == eos_id).long().cumsum(1) - (new_tokens == eos_id).long()
-    return after_eos == 0
-
-
-@torch.no_grad()
-def _sample_and_count(model, tokenizer, n_sequences, seq_len, batch_size=8):
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    per_prompt = [n_sequences // len(BACKGROUND_PROMPTS) + (i < n_sequences % len(BACKGROUND_PROMPTS))
-                  for i in range(len(BACKGROUND_PROMPTS))]
-    counter = SlotCounter(model)
-    for prompt, count in zip(BACKGROUND_PROMPTS, per_prompt):
-        start_ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-        for start in range(0, count, batch_size):
-            n = min(batch_size, count - start)
-            out = model.generate(start_ids, attention_mask=torch.ones_like(start_ids), do_sample=True,
-                                 temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=seq_len,
-                                 num_return_sequences=n, pad_token_id=pad_id)
-            in_prompt = torch.zeros_like(out, dtype=torch.bool)
-            in_prompt[:, :start_ids.shape[1]] = True
-            generated = torch.zeros_like(in_prompt)
-            generated[:, start_ids.shape[1]:] = _generated_mask(out[:, start_ids.shape[1]:], tokenizer.eos_token_id)
-            counter.token_mask = generated.flatten()  # count the model's own text, not prompts or padding
-            with counter:
-                model(input_ids=out, attention_mask=(in_prompt | generated).long())
-    tokens = min(counter.tokens.values())
-    return BackgroundCounts(counter.counts, tokens, n_sequences, seq_len)
-
-
-def background_counts(model, tokenizer, *, cache_path=None, n_sequences=32, seq_len=64, seed=0):
-    """Slot access counts on background text sampled from the model itself: {layer: counts}.
-
-    The model generates `n_sequences` continuations of up to `seq_len` tokens (from BOS and from a
-    few generic chat prompts, with nucleus sampling; no dataset needed); one more forward over them
-    counts the slots their tokens read (prompts and padding excluded). The result is a
-    BackgroundCounts dict whose `.tokens` is the number of tokens counted. With `cache_path` the
-    counts are saved there as safetensors and reused while the model's memory lookup (base model
-    id, memory layer configs, query and key weights) and the settings are the same.
-    """
-    if n_sequences < 1 or seq_len < 1:
-        raise ValueError(f"n_sequences and seq_len must be positive, got {n_sequences} and {seq_len}")
-    expected = {"n_sequences": n_sequences, "seq_len": seq_len, "seed": seed, "prompts": PROMPTS_KEY,
-                "fingerprint": _fingerprint(model)}
-    cached = _load_cache(cache_path, model, expected)
-    if cached is not None:
-        return cached
-    devices = [next(model.parameters()).device] if next(model.parameters()).is_cuda else []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):  # seed locally, leave the caller's RNG alone
-            torch.manual_seed(seed)
-            background = _sample_and_count(model, tokenizer, n_sequences, seq_len)
-    finally:
-        model.train(was_training)
-    if cache_path:
-        _save_cache(cache_path, background, expected)
-    return background
+        self.tokens, self.n_sequences = tokens, n_sequences
 
 
 def with_learned(background, learned, weight=1.0):
@@ -208,14 +77,13 @@ def with_learned(background, learned, weight=1.0):
     counts, tokens = learned
     merged = {layer: background[layer] + (weight * counts[layer].to(background[layer].device)).long()
               for layer in background}
-    return BackgroundCounts(merged, int(background.tokens + weight * tokens), background.n_sequences,
-                            background.seq_len)
+    return BackgroundCounts(merged, int(background.tokens + weight * tokens), background.n_sequences)
 
 
 def _check_layers(batch_counts, background):
     missing = sorted(set(batch_counts) - set(background))
     if missing:
-        raise KeyError(f"no background counts for memory layers {missing}; recompute background_counts")
+        raise KeyError(f"no background counts for memory layers {missing}; recompute background.background_counts")
     for layer, counts in batch_counts.items():
         if counts.shape != background[layer].shape:
             raise ValueError(f"layer {layer}: batch counts of shape {tuple(counts.shape)} but background "

@@ -183,6 +183,8 @@ def test_eval_end_to_end_writes_the_documented_json(tmp_path, model_dir, capsys)
     assert prompt_tokens["rag"] > prompt_tokens["memory"] == prompt_tokens["base"]
     assert base["retention_acc"] == base["retention_before"] and base["forgotten_samples"] == []
     assert all(set(s) == {"question", "gold", "before", "after"} for s in memory["forgotten_samples"])
+    for result in (memory, base):  # the missed questions are those that lower the accuracy
+        assert len(result["missed_samples"]) == round(2 * (1 - result["learned_acc"]))
     full = report["methods"]["full"]
     assert full["train_s"] >= memory["train_s"] and full["memory_mb"] > memory["memory_mb"] / 100
     assert report["command"].startswith("engram eval ") and "--methods" in report["command"]

@@ -60,6 +60,17 @@ def test_base_weights_stay_bit_identical(tmp_path, model_dir):
             assert torch.equal(p, saved[key]), name
 
 
+@pytest.mark.parametrize("calibrate", [True, False])
+def test_a_new_memory_is_calibrated_on_the_models_own_text_unless_told_not_to(tmp_path, model_dir, calibrate):
+    home = tmp_path / "home"
+    learn(home, model_dir, write_jsonl(tmp_path / "f.jsonl", FACTS),
+          extra=["--epochs", "1", "--replay", "1"] + ([] if calibrate else ["--no-calibrate"]))
+    assert json.loads((home / "background.json").read_text())  # sampled once, reused by later learns
+    model, _, _ = open_memory(home)
+    (memory,) = memory_layers(model).values()
+    assert bool(memory.query_center.abs().sum() > 0) == calibrate
+
+
 def test_only_top_t_slots_change_per_step(tokenizer, tiny_model):
     add_memory_layers(tiny_model, layers=[1], heads=2, k=4, n_keys=16, key_dim=32)
     memory = memory_layers(tiny_model)[1]

@@ -3,12 +3,9 @@ import collections
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from engram_kernels.integrations import add_memory_layers, memory_layers
-from engram_kernels.trainer import slots
-from engram_kernels.trainer.slots import (BackgroundCounts, SlotCounter, background_counts, tfidf_allow_masks,
-                                          tfidf_scores, with_learned)
+from engram_kernels.trainer.slots import BackgroundCounts, SlotCounter, tfidf_allow_masks, tfidf_scores, with_learned
 
 HEADS, K, N_KEYS = 2, 4, 16
 
@@ -71,7 +68,7 @@ def test_counter_needs_memory_layers(tiny_model):
 
 
 def _background(counts, tokens):
-    return BackgroundCounts({0: torch.tensor(counts, dtype=torch.int64)}, tokens, 1, tokens)
+    return BackgroundCounts({0: torch.tensor(counts, dtype=torch.int64)}, tokens, 1)
 
 
 def test_slot_common_in_background_ranks_below_a_rare_one():
@@ -97,7 +94,7 @@ def test_idf_without_token_count_uses_total_reads():
 def test_mask_has_exactly_top_t_entries_among_accessed(top_t):
     gen = torch.Generator().manual_seed(top_t)
     batch = {3: torch.randint(0, 4, (64,), generator=gen) * (torch.rand(64, generator=gen) < 0.3)}
-    background = BackgroundCounts({3: torch.randint(0, 50, (64,), generator=gen)}, 100, 2, 50)
+    background = BackgroundCounts({3: torch.randint(0, 50, (64,), generator=gen)}, 100, 2)
     mask = tfidf_allow_masks(batch, background, top_t)[3]
     accessed = batch[3] > 0
     assert mask.dtype == torch.bool and mask.shape == (64,)
@@ -118,57 +115,10 @@ def test_mask_input_errors():
         tfidf_allow_masks({0: torch.tensor([1, 0, 0])}, background, 1)
 
 
-def test_background_counts_sampled_from_the_model(memory_model, tokenizer):
-    rng_state = torch.get_rng_state()
-    background = background_counts(memory_model, tokenizer, n_sequences=6, seq_len=12, seed=3)
-    assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is left alone
-    assert 0 < background.tokens <= 6 * 12
-    for layer, memory in memory_layers(memory_model).items():
-        assert background[layer].shape == (memory.n_slots,) and background[layer].dtype == torch.int64
-        assert int(background[layer].sum()) == background.tokens * HEADS * K
-    again = background_counts(memory_model, tokenizer, n_sequences=6, seq_len=12, seed=3)
-    assert again.tokens == background.tokens
-    assert all(torch.equal(again[layer], background[layer]) for layer in background)
-
-
-def test_background_cache_round_trip(memory_model, tokenizer, tmp_path, monkeypatch):
-    path = tmp_path / "cache" / "background.safetensors"
-    first = background_counts(memory_model, tokenizer, cache_path=path, n_sequences=4, seq_len=8)
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-    assert (meta["n_sequences"], meta["seq_len"], meta["tokens"]) == ("4", "8", str(first.tokens))
-
-    def no_sampling(*args, **kwargs):
-        raise AssertionError("cached background counts were recomputed")
-    real_sampling = slots._sample_and_count
-    monkeypatch.setattr(slots, "_sample_and_count", no_sampling)
-    cached = background_counts(memory_model, tokenizer, cache_path=path, n_sequences=4, seq_len=8)
-    assert cached.tokens == first.tokens and (cached.n_sequences, cached.seq_len) == (4, 8)
-    assert all(torch.equal(cached[layer], first[layer]) for layer in first)
-
-    monkeypatch.setattr(slots, "_sample_and_count", real_sampling)
-    other = background_counts(memory_model, tokenizer, cache_path=path, n_sequences=4, seq_len=5)
-    assert other.seq_len == 5  # other settings: recomputed and re-cached
-    with torch.no_grad():  # another memory lookup (new keys): the cache no longer applies
-        next(iter(memory_layers(memory_model).values())).keys1.add_(1.0)
-    monkeypatch.setattr(slots, "_sample_and_count", no_sampling)
-    with pytest.raises(AssertionError, match="recomputed"):
-        background_counts(memory_model, tokenizer, cache_path=path, n_sequences=4, seq_len=5)
-
-
-def test_corrupt_background_cache_is_recomputed(memory_model, tokenizer, tmp_path):
-    path = tmp_path / "background.safetensors"
-    path.write_bytes(b"\x00garbage")
-    background = background_counts(memory_model, tokenizer, cache_path=path, n_sequences=2, seq_len=4)
-    assert background.tokens > 0
-    assert background_counts(memory_model, tokenizer, cache_path=path, n_sequences=2, seq_len=4).tokens \
-        == background.tokens
-
-
 def test_with_learned_adds_weighted_reads_and_lowers_their_rank():
-    background = BackgroundCounts({0: torch.tensor([5, 0, 0, 0])}, tokens=10, n_sequences=2, seq_len=5)
+    background = BackgroundCounts({0: torch.tensor([5, 0, 0, 0])}, tokens=10, n_sequences=2)
     merged = with_learned(background, ({0: torch.tensor([0, 3, 0, 0])}, 3), weight=2.0)
-    assert merged[0].tolist() == [5, 6, 0, 0] and merged.tokens == 16 and merged.seq_len == 5
+    assert merged[0].tolist() == [5, 6, 0, 0] and merged.tokens == 16 and merged.n_sequences == 2
     batch = {0: torch.tensor([0, 1, 1, 0])}
     assert tfidf_allow_masks(batch, background, 1)[0].tolist() == [False, True, False, False]
     assert tfidf_allow_masks(batch, merged, 1)[0].tolist() == [False, False, True, False]

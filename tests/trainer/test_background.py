@@ -1,0 +1,86 @@
+"""Background text: sampled from the model, cached; memory addressing calibrated on it; slot counts."""
+import pytest
+import torch
+from safetensors import safe_open
+
+from engram_kernels.integrations import memory_layers
+from engram_kernels.trainer import background as bg
+from engram_kernels.trainer.background import add_calibrated_memory, background_counts, sample_background
+
+HEADS, K, N_KEYS = 2, 4, 16
+MEMORY = dict(heads=HEADS, k=K, n_keys=N_KEYS, key_dim=32)
+
+
+@pytest.fixture
+def text(tiny_model, tokenizer):
+    return sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3)
+
+
+def test_sampling_is_seeded_leaves_the_callers_rng_and_caches(tiny_model, tokenizer, tmp_path, monkeypatch):
+    rng_state = torch.get_rng_state()
+    first = sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert 0 < len(first) <= 6 and all(e.kind == "raw" and e.target for e in first)
+    assert sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3) == first
+    path = tmp_path / "text.json"
+    cached = sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3, cache_path=path)
+    monkeypatch.setattr(tiny_model, "generate", None)  # a cache hit must not sample
+    assert sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3, cache_path=path) == cached
+    with pytest.raises(ValueError, match="positive"):
+        sample_background(tiny_model, tokenizer, n_sequences=0)
+
+
+def test_calibrated_memory_is_centered_and_still_a_no_op(tiny_model, tokenizer, text):
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        expected = tiny_model(ids).logits
+    add_calibrated_memory(tiny_model, tokenizer, text, **MEMORY)
+    (_, memory), = memory_layers(tiny_model).items()
+    assert memory.query_center.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(tiny_model(ids).logits, expected)  # values are still zero
+
+
+def test_uncalibrated_memory_keeps_its_random_projection(tiny_model, tokenizer, text):
+    add_calibrated_memory(tiny_model, tokenizer, text, calibrate=False, **MEMORY)
+    (_, memory), = memory_layers(tiny_model).items()
+    assert memory.query_center.abs().sum() == 0
+
+
+def test_counts_cover_every_predicted_token_and_are_cached(tiny_model, tokenizer, text, tmp_path, monkeypatch):
+    add_calibrated_memory(tiny_model, tokenizer, text, **MEMORY)
+    path = tmp_path / "cache" / "counts.safetensors"
+    counts = background_counts(tiny_model, tokenizer, text, cache_path=path)
+    assert counts.tokens > 0 and counts.n_sequences == len(text)
+    for layer, memory in memory_layers(tiny_model).items():
+        assert counts[layer].shape == (memory.n_slots,) and counts[layer].dtype == torch.int64
+        assert int(counts[layer].sum()) == counts.tokens * HEADS * K
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata()["tokens"] == str(counts.tokens)
+
+    def no_counting(*args, **kwargs):
+        raise AssertionError("cached background counts were recounted")
+    monkeypatch.setattr(bg, "target_slot_counts", no_counting)
+    cached = background_counts(tiny_model, tokenizer, text, cache_path=path)
+    assert cached.tokens == counts.tokens and all(torch.equal(cached[i], counts[i]) for i in counts)
+    with pytest.raises(AssertionError, match="recounted"):  # other text: the cache no longer applies
+        background_counts(tiny_model, tokenizer, text[1:], cache_path=path)
+    with torch.no_grad():  # another memory lookup (new keys): neither
+        next(iter(memory_layers(tiny_model).values())).keys1.add_(1.0)
+    with pytest.raises(AssertionError, match="recounted"):
+        background_counts(tiny_model, tokenizer, text, cache_path=path)
+
+
+def test_corrupt_counts_cache_is_recounted(tiny_model, tokenizer, text, tmp_path):
+    add_calibrated_memory(tiny_model, tokenizer, text, **MEMORY)
+    path = tmp_path / "counts.safetensors"
+    path.write_bytes(b"\x00garbage")
+    counts = background_counts(tiny_model, tokenizer, text, cache_path=path)
+    assert counts.tokens > 0
+    assert background_counts(tiny_model, tokenizer, text, cache_path=path).tokens == counts.tokens
+
+
+def test_counting_no_text_is_an_error(tiny_model, tokenizer):
+    add_calibrated_memory(tiny_model, tokenizer, [], calibrate=False, **MEMORY)
+    with pytest.raises(ValueError, match="at least one"):
+        background_counts(tiny_model, tokenizer, [])
