@@ -22,6 +22,7 @@ ROUGE-L recall of the gold answer, a question counts as answered at recall >= 0.
 import collections
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -221,9 +222,13 @@ def question_scores(kind, question, answer):
 def score_answers(kind, questions, answers):
     """{"acc", "f1"} for "squad" and "retention" (contains, token F1); {"acc", "rouge_l"} for "qa"
     (share with ROUGE-L recall >= ROUGE_PASS, mean recall); None for no questions."""
-    if not questions:
+    return summarize_scores(kind, [question_scores(kind, q, a) for q, a in zip(questions, answers)])
+
+
+def summarize_scores(kind, scores):
+    """score_answers from the question_scores of each question; None for none."""
+    if not scores:
         return None
-    scores = [question_scores(kind, q, a) for q, a in zip(questions, answers)]
     metric = "rouge_l" if kind == "qa" else "f1"
     return {"acc": _mean(s["hit"] for s in scores), metric: _mean(s[metric] for s in scores)}
 
@@ -350,14 +355,10 @@ def fresh_memory_model(base, tokenizer, memory_config, background, layers=None, 
     return model, background_counts(model, tokenizer, background, counts_cache)
 
 
-def train_memory_method(base, tokenizer, examples, config, memory_config, background, layers=None,
-                        budget_s=None, seed=0, calibrate=True, counts_cache=None):
-    """Fresh memory layers on a copy of `base` (fresh_memory_model), trained by train_memory: for
-    config.epochs, or with `budget_s` for as many epochs as fit in that many seconds. The
-    `background` examples also replay (config.replay_per_batch of them join each batch)."""
-    model, counts = fresh_memory_model(base, tokenizer, memory_config, background, layers, seed, calibrate,
-                                       counts_cache)
-    replay = background if config.replay_per_batch else None
+def train_memory_method(model, counts, tokenizer, examples, config, budget_s=None, replay=None):
+    """The fresh memory of `model` with its background `counts` (fresh_memory_model), trained by
+    train_memory: for config.epochs, or with `budget_s` for as many epochs as fit in that many
+    seconds. `replay`: background examples, config.replay_per_batch of which join each batch."""
     trained = Trained(model, extra_bytes=_bytes(memory_parameters(model)))
     if not examples:
         return trained
@@ -527,10 +528,10 @@ class Harness:
         learned questions."""
         questions = self.data.questions if questions is None else questions
         answers, prompt_tokens = self.ask(trained, questions, self.max_new_tokens)
+        scores = [question_scores(self.data.kind, q, a) for q, a in zip(questions, answers)]
         samples = [{"question": q.question, "gold": q.answers[0], "answer": a} for q, a in zip(questions, answers)]
-        missed = [sample for sample, q in zip(samples, questions)
-                  if not question_scores(self.data.kind, q, sample["answer"])["hit"]]
-        return score_answers(self.data.kind, questions, answers), _mean(prompt_tokens), samples[:3], missed[:5]
+        missed = [sample for sample, score in zip(samples, scores) if not score["hit"]]
+        return summarize_scores(self.data.kind, scores), _mean(prompt_tokens), samples[:3], missed[:5]
 
     def score_retention(self, trained):
         """Retention scores, with "answers" (one per retention question) added; None without retention."""
@@ -550,28 +551,29 @@ class Harness:
 
     # -- methods
 
+    @functools.cached_property
     def background(self):
-        """Text sampled once from the base model (cached): calibration, slot counts and replay."""
+        """Text sampled once from the base model (cached on disk): calibration, slot counts and replay."""
         o = self.options
         return sample_background(self.base, self.tokenizer, o.background_sequences, o.background_len, o.seed,
                                  self.text_cache)
 
     def fresh_memory(self):
         o = self.options
-        return fresh_memory_model(self.base, self.tokenizer, o.memory, self.background(), o.layers, o.seed,
+        return fresh_memory_model(self.base, self.tokenizer, o.memory, self.background, o.layers, o.seed,
                                   o.calibrate, self.counts_cache)
 
     def train(self, method, budget_s):
         o = self.options
         if method == "memory":
-            return train_memory_method(self.base, self.tokenizer, self.examples, o.learn, o.memory, self.background(),
-                                       o.layers, budget_s, o.seed, o.calibrate, self.counts_cache)
+            model, counts = self.fresh_memory()
+            return train_memory_method(model, counts, self.tokenizer, self.examples, o.learn, budget_s, self.background)
         if method == "lora":
             return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
                                      impl=o.lora_impl)
         if method == "lora_replay":
             return train_lora_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.lora_lr,
-                                     self.background(), replay_per_batch=max(1, o.learn.batch_size // 2),
+                                     self.background, replay_per_batch=max(1, o.learn.batch_size // 2),
                                      impl=o.lora_impl)
         if method == "full":
             return train_full_method(self.base, self.tokenizer, self.examples, o.learn, budget_s, o.full_lr)
@@ -642,13 +644,12 @@ class Harness:
         groups = [list(range(items * i // k, items * (i + 1) // k)) for i in range(k)]
         o = self.options
         model, background = self.fresh_memory()
-        replay = self.background() if o.learn.replay_per_batch else None
         trained = Trained(model)
         first_questions = [q for q in self.data.questions if q.item in groups[0]]
         steps = []
         for index, group in enumerate(groups, 1):
             examples = self.training_examples([self.data.documents[i] for i in group])
-            stats = train_memory(model, self.tokenizer, examples, background, o.learn, replay=replay)
+            stats = train_memory(model, self.tokenizer, examples, background, o.learn, replay=self.background)
             if o.protect_learned:
                 learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len)
                 background = with_learned(background, learned, o.protect_learned)
