@@ -162,6 +162,15 @@ def run_benchmark(benchmark, request, backend, config, bits):
         pct_peak=round(100 * nbytes / seconds / 1e9 / peak_gbps, 1), peak_gbps=peak_gbps,
         kv_bytes=sdpa_bytes(c, elt) if backend == "sdpa" else x.packed[bits].nbytes(),
         speedup_vs_sdpa=round(baseline / seconds, 2) if baseline else None, **timing, **memory)
+    if backend == "triton":
+        benchmark.extra_info["triton_launch_ms"] = triton_launch_timings()
+
+
+def triton_launch_timings():
+    """Every decode shape bucket timed so far: {bucket: {(tiles, warps, stages): ms}}, as strings."""
+    from engram_kernels.ops.kvcache import triton_kernels
+    return {str(bucket): {str(launch): round(ms, 4) for launch, ms in timings.items()}
+            for bucket, timings in triton_kernels.DECODE_TIMINGS.items()}
 
 
 def parametrize(test):

@@ -6,9 +6,11 @@ whole channels; codes never pass through memory unpacked. Decode attention is sp
 decoding: one program per (batch, KV head, split of the tokens) handles all query rows of that KV
 head (GQA heads x query tokens, padded to 16 for tl.dot), the last split of each head takes the
 full-precision residual window, and a second kernel merges the splits' (max, sum, output) triples.
+The split size is a compile-time number of tiles (a static loop the compiler can pipeline), timed
+per shape bucket on a GPU's first call (see _launch_config).
 
-Loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter rejects a
-runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be powers of two
+Other loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter
+rejects a runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be powers of two
 (64, 128, ...); other shapes take the reference implementation.
 """
 import contextlib
@@ -119,12 +121,13 @@ def _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, t0, tok, ok, n_groups
                          D: tl.constexpr, BLOCK: tl.constexpr):
     """codes (BLOCK, D) of tokens `tok` = t0 + 0..BLOCK-1 -> keys. A tile starting on a multiple of
     BLOCK lies in one group when BLOCK divides G: one (D,) scale/zero row serves it. Otherwise each
-    token gathers its group's row."""
+    token gathers its group's row. Tiles past the last group (a split's tail) load nothing."""
     c = tl.arange(0, D)
     if G % BLOCK == 0:
         at = (head * n_groups + t0 // G) * D + c
-        s = tl.load(scale_ptr + at).to(tl.float32)
-        z = tl.load(zero_ptr + at).to(tl.float32)
+        inside = (c < D) & (t0 // G < n_groups)
+        s = tl.load(scale_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        z = tl.load(zero_ptr + at, mask=inside, other=0.0).to(tl.float32)
         return codes * s[None, :] + z[None, :]
     at = (head * n_groups + tok // G)[:, None] * D + c[None, :]
     s = tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -175,7 +178,7 @@ def _fold(s, m, l, acc, v, PRECISION: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr,
-                   packed_len, residual_len, n_groups, tokens_per_split, n_splits, scale,
+                   packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
                    N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
                    GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
                    PRECISION: tl.constexpr):
@@ -192,11 +195,12 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
     l = tl.zeros([ROWS_PAD], tl.float32)
     acc = tl.zeros([ROWS_PAD, D], tl.float32)
 
-    t0 = split * tokens_per_split
-    t_end = tl.minimum(t0 + tokens_per_split, packed_len)
-    while t0 < t_end:
+    # A constant trip count (tiles past the end are masked off) lets the compiler pipeline the loads.
+    start = split * (TILES * BLOCK)
+    for i in range(TILES):
+        t0 = start + i * BLOCK
         tok = t0 + j
-        ok = tok < t_end
+        ok = tok < packed_len
         rows = head * packed_len + tok
         k = _dequantize_key_tile(_unpack(kc_ptr, rows, ok, D, BITS, BLOCK), ks_ptr, kz_ptr, head, t0, tok, ok,
                                  n_groups, G, D, BLOCK)
@@ -204,7 +208,6 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
         v = _dequantize_value_tile(_unpack(vc_ptr, rows, ok, D, BITS, BLOCK), vs_ptr, vz_ptr, rows, ok, D, GV, BLOCK)
         m, l, acc = _fold(s, m, l, acc, v, PRECISION)
-        t0 += BLOCK
 
     t0 = 0
     r_end = tl.where(split == n_splits - 1, residual_len, 0)  # the last split takes the residual window
@@ -219,19 +222,20 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         m, l, acc = _fold(s, m, l, acc, v, PRECISION)
         t0 += BLOCK
 
-    out = (head * n_splits + split) * ROWS_PAD + r
-    tl.store(m_ptr + out, m)
-    tl.store(l_ptr + out, l)
-    tl.store(acc_ptr + out[:, None] * D + c[None, :], acc)
+    out = (head * n_splits + split) * ROWS + r  # only the real rows are kept
+    real = r < ROWS
+    tl.store(m_ptr + out, m, mask=real)
+    tl.store(l_ptr + out, l, mask=real)
+    tl.store(acc_ptr + out[:, None] * D + c[None, :], acc, mask=real[:, None])
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, ROWS: tl.constexpr, ROWS_PAD: tl.constexpr,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, ROWS: tl.constexpr, D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
     head, r = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     c = tl.arange(0, D)
-    at = (head * n_splits + s) * ROWS_PAD + r
+    at = (head * n_splits + s) * ROWS + r
     ok = s < n_splits
     m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
     m_max = tl.max(m, axis=0)
@@ -299,13 +303,54 @@ def dequantize_values(codes, scale, zero, bits, group_size, dtype):
     return _dequantize(codes, scale, zero, bits, group_size, dtype, False)
 
 
-def _splits(device, heads, packed_len):
-    """Token splits per (batch, KV head): about two programs per SM (4 in the interpreter)."""
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    blocks = triton.cdiv(packed_len, _BLOCK_T)
-    n = max(1, min(triton.cdiv(programs, heads), blocks))
-    tokens = triton.cdiv(blocks, n) * _BLOCK_T
-    return (triton.cdiv(packed_len, tokens) if packed_len else 0) + 1, tokens  # + the residual split
+# Decode launches: (tiles per split, num_warps, num_stages). Long caches on a GPU time a few
+# candidates on their first call and keep the fastest per shape bucket (as triton.autotune would,
+# but the split count also sizes the scratch buffers); short caches and the interpreter take the
+# heuristic of about four programs per SM.
+TUNE_MIN_BLOCKS = 128  # 8k tokens of 64: below this the launch is short and not worth timing
+DECODE_TIMINGS = {}  # bucket -> {launch: ms} measured on its first call; the fastest is used
+
+
+def _programs(device, per_sm):
+    if device.type != "cuda":
+        return 4
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tiles(blocks, heads, programs):
+    """Tiles per split for about `programs` programs over `heads` heads; a power of two, so few
+    distinct values (each is a compile)."""
+    return triton.next_power_of_2(triton.cdiv(blocks, max(1, triton.cdiv(programs, heads))))
+
+
+def _candidates(device, heads, blocks):
+    tiles = sorted({_tiles(blocks, heads, _programs(device, per_sm)) for per_sm in (2, 8)})
+    return [(t, warps, stages) for t in tiles for warps in (4, 8) for stages in (1, 3)]
+
+
+def _elapsed_ms(fn, reps=5):
+    fn()  # compiles on first use
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _launch_config(query, heads, blocks, bucket, run):
+    device = query.device
+    if bucket in DECODE_TIMINGS:
+        timings = DECODE_TIMINGS[bucket]
+        return min(timings, key=timings.get)
+    heuristic = (max(1, _tiles(blocks, heads, _programs(device, 4))), 4, 1)
+    if device.type != "cuda" or blocks < TUNE_MIN_BLOCKS or torch.cuda.is_current_stream_capturing():
+        return heuristic
+    with _on(device):
+        DECODE_TIMINGS[bucket] = {launch: _elapsed_ms(lambda: run(launch))
+                                  for launch in _candidates(device, heads, blocks)}
+    return _launch_config(query, heads, blocks, bucket, run)
 
 
 def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
@@ -317,18 +362,24 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
     hkv, packed_len, residual_len = key_codes.shape[1], key_codes.shape[2], residual_keys.shape[2]
     n_rep, heads = hq // hkv, b * hkv
     rows = n_rep * tq
-    rows_pad = max(_MIN_ROWS, triton.next_power_of_2(rows))
-    n_splits, tokens_per_split = _splits(query.device, heads, packed_len)
-    m = query.new_empty(heads, n_splits, rows_pad, dtype=torch.float32)
-    l = torch.empty_like(m)
-    acc = query.new_empty(heads, n_splits, rows_pad, d, dtype=torch.float32)
+    blocks = triton.cdiv(packed_len, _BLOCK_T)
     out = torch.empty_like(query)
-    with _on(query.device):
+
+    def run(launch):
+        tiles, warps, stages = launch
+        n_splits = triton.cdiv(blocks, tiles) + 1  # + the residual split
+        m = query.new_empty(heads, n_splits, rows, dtype=torch.float32)
+        l = torch.empty_like(m)
+        acc = query.new_empty(heads, n_splits, rows, d, dtype=torch.float32)
         _decode_kernel[(heads, n_splits)](
             query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-            residual_values, m, l, acc, packed_len, residual_len, triton.cdiv(packed_len, group_size),
-            tokens_per_split, n_splits, scale, n_rep, tq, rows_pad, group_size, naive.value_group(d, group_size),
-            d, bits, _BLOCK_T, _precision(), num_warps=4)
-        _merge_kernel[(heads, rows)](m, l, acc, out, n_splits, rows, rows_pad, d,
-                                     triton.next_power_of_2(n_splits))
+            residual_values, m, l, acc, packed_len, residual_len, triton.cdiv(packed_len, group_size), n_splits,
+            scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
+            naive.value_group(d, group_size), d, bits, _BLOCK_T, _precision(), num_warps=warps, num_stages=stages)
+        _merge_kernel[(heads, rows)](m, l, acc, out, n_splits, rows, d, triton.next_power_of_2(n_splits))
+
+    bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size)
+    launch = _launch_config(query, heads, blocks, bucket, run)
+    with _on(query.device):
+        run(launch)
     return out

@@ -1,0 +1,77 @@
+"""Times every Triton decode-attention launch candidate against bf16 SDPA on this GPU, with each
+compiled kernel's registers and spills; shows where the time of one decode call goes.
+
+    python scripts/kv_decode_probe.py [CONTEXT ...]      (default 32768 131072; Llama-8B heads, int4)
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from engram_kernels import backends
+from engram_kernels.ops.kvcache import decode_attention, quantize_kv, triton_kernels
+
+
+def elapsed_ms(fn, reps=20):
+    return triton_kernels._elapsed_ms(fn, reps)
+
+
+def gpu_ms(fn, reps=20):
+    """GPU time alone: the calls queue up behind a sleep kernel, so launch overhead is hidden."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(100_000_000)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128):
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    keys, values = (torch.randn(1, kv_heads, context, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+                    for _ in range(2))
+    query = torch.randn(1, q_heads, 1, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+    split = context - residual
+    packed = quantize_kv(keys[:, :, :split], values[:, :, :split], bits, group)
+    rk, rv = keys[:, :, split:].contiguous(), values[:, :, split:].contiguous()
+
+    def sdpa():
+        return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+    def decode():
+        return decode_attention(query, packed, rk, rv, check_values=False)
+
+    print(f"context {context}: packed {packed.nbytes() / 1e6:.1f} MB")
+    print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms")
+    with backends.use_backend("triton"):
+        call, gpu = elapsed_ms(decode), gpu_ms(decode)
+    for bucket, timings in triton_kernels.DECODE_TIMINGS.items():
+        print(f"  bucket {bucket}")
+        for launch, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+            print(f"    tiles/split, warps, stages {launch}: {ms:.4f} ms")
+    print(f"  triton decode_attention call {call:.4f} ms, GPU time alone {gpu:.4f} ms")
+    print_compiled_kernels()
+    triton_kernels.DECODE_TIMINGS.clear()
+
+
+def print_compiled_kernels():
+    """Registers and spills of each compiled decode kernel (Triton internals: best effort)."""
+    try:
+        for caches in triton_kernels._decode_kernel.device_caches.values():
+            for kernel in caches[0].values():
+                kernel._init_handles()
+                meta = kernel.metadata
+                print(f"  compiled decode kernel, {meta.num_warps} warps, {meta.num_stages} stages: "
+                      f"{kernel.n_regs} registers, {kernel.n_spills} spills, {meta.shared} B shared")
+    except (AttributeError, IndexError, TypeError) as exc:
+        print(f"  (compiled kernel details unavailable: {exc!r})")
+
+
+if __name__ == "__main__":
+    for context in [int(c) for c in sys.argv[1:]] or [32768, 131072]:
+        probe(context)
