@@ -22,12 +22,15 @@ import triton.language as tl
 
 from . import naive
 
-_BLOCK_T = 64  # tokens per tile (quantize, dequantize, attention)
+_BLOCK_T = 64  # tokens per tile (quantize, dequantize)
 _MIN_ROWS = 16  # tl.dot needs 16 rows
 
 
 def _on(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """The device's context, entered only when it is not already current (decode calls are short)."""
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _pow2(n):
@@ -121,13 +124,12 @@ def _dequantize_key_tile(codes, scale_ptr, zero_ptr, head, t0, tok, ok, n_groups
                          D: tl.constexpr, BLOCK: tl.constexpr):
     """codes (BLOCK, D) of tokens `tok` = t0 + 0..BLOCK-1 -> keys. A tile starting on a multiple of
     BLOCK lies in one group when BLOCK divides G: one (D,) scale/zero row serves it. Otherwise each
-    token gathers its group's row. Tiles past the last group (a split's tail) load nothing."""
+    token gathers its group's row."""
     c = tl.arange(0, D)
     if G % BLOCK == 0:
         at = (head * n_groups + t0 // G) * D + c
-        inside = (c < D) & (t0 // G < n_groups)
-        s = tl.load(scale_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        z = tl.load(zero_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + at).to(tl.float32)
+        z = tl.load(zero_ptr + at).to(tl.float32)
         return codes * s[None, :] + z[None, :]
     at = (head * n_groups + tok // G)[:, None] * D + c[None, :]
     s = tl.load(scale_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
@@ -166,24 +168,37 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups,
 
 @triton.jit
 def _fold(s, m, l, acc, v, PRECISION: tl.constexpr):
-    """Online-softmax step: scores s (ROWS, BLOCK) and values v (BLOCK, D) into (m, l, acc)."""
+    """Online-softmax step: scores s (ROWS, BLOCK) and values v (BLOCK, D) into (m, l, acc); the PV
+    product takes its operands in v's dtype (the query's: 16-bit on GPUs) and accumulates in fp32."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     corr = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l = l * corr + tl.sum(p, axis=1)
-    acc = acc * corr[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l, acc
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, m_ptr, l_ptr, acc_ptr,
-                   packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
+def _key_tile(kc_ptr, ks_ptr, kz_ptr, head, rows, t0, ok, n_groups, G: tl.constexpr, D: tl.constexpr,
+              BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """(codes (BLOCK, D) fp32, scale (D,), zero (D,)) of a packed key tile that lies in one group."""
+    c = tl.arange(0, D)
+    at = (head * n_groups + t0 // G) * D + c
+    inside = (c < D) & (t0 // G < n_groups)  # a split's tail tiles lie past the last group
+    scale = tl.load(ks_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    zero = tl.load(kz_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    return _unpack(kc_ptr, rows, ok, D, BITS, BLOCK), scale, zero
+
+
+@triton.jit
+def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr, packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
                    N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
                    GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
                    PRECISION: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)  # head = b * Hkv + kv head
     ROWS: tl.constexpr = N_REP * Q_LEN
+    OPERAND = rk_ptr.dtype.element_ty  # the query's dtype: dot operands, fp32 accumulators
     r = tl.arange(0, ROWS_PAD)
     c = tl.arange(0, D)
     j = tl.arange(0, BLOCK)
@@ -202,46 +217,49 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         tok = t0 + j
         ok = tok < packed_len
         rows = head * packed_len + tok
-        k = _dequantize_key_tile(_unpack(kc_ptr, rows, ok, D, BITS, BLOCK), ks_ptr, kz_ptr, head, t0, tok, ok,
-                                 n_groups, G, D, BLOCK)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        # q . (codes * s + z) = (q * s) . codes + q . z: the tile's per-channel scale and zero fold
+        # into the query, and the codes (small integers, exact in 16 bits) go straight into the dot.
+        codes, k_scale, k_zero = _key_tile(kc_ptr, ks_ptr, kz_ptr, head, rows, t0, ok, n_groups, G, D, BITS, BLOCK)
+        s = tl.dot((q * k_scale[None, :]).to(OPERAND), tl.trans(codes.to(OPERAND)), input_precision=PRECISION)
+        s += tl.sum(q * k_zero[None, :], axis=1)[:, None]
         s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
         v = _dequantize_value_tile(_unpack(vc_ptr, rows, ok, D, BITS, BLOCK), vs_ptr, vz_ptr, rows, ok, D, GV, BLOCK)
-        m, l, acc = _fold(s, m, l, acc, v, PRECISION)
+        m, l, acc = _fold(s, m, l, acc, v.to(OPERAND), PRECISION)
 
+    q = q.to(OPERAND)
     t0 = 0
     r_end = tl.where(split == n_splits - 1, residual_len, 0)  # the last split takes the residual window
     while t0 < r_end:
         tok = t0 + j
         ok = tok < r_end
         at = (head * residual_len + tok)[:, None] * D + c[None, :]
-        k = tl.load(rk_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(rk_ptr + at, mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
-        v = tl.load(rv_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-        m, l, acc = _fold(s, m, l, acc, v, PRECISION)
+        m, l, acc = _fold(s, m, l, acc, tl.load(rv_ptr + at, mask=ok[:, None], other=0.0), PRECISION)
         t0 += BLOCK
 
-    out = (head * n_splits + split) * ROWS + r  # only the real rows are kept
+    # scratch rows (head, split, query row) hold acc (D), m, l; only the real query rows are kept
+    out = ((head * n_splits + split) * ROWS + r) * (D + 2)
     real = r < ROWS
-    tl.store(m_ptr + out, m, mask=real)
-    tl.store(l_ptr + out, l, mask=real)
-    tl.store(acc_ptr + out[:, None] * D + c[None, :], acc, mask=real[:, None])
+    tl.store(scratch_ptr + out[:, None] + c[None, :], acc, mask=real[:, None])
+    tl.store(scratch_ptr + out + D, m, mask=real)
+    tl.store(scratch_ptr + out + D + 1, l, mask=real)
 
 
 @triton.jit
-def _merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, n_splits, ROWS: tl.constexpr, D: tl.constexpr,
+def _merge_kernel(scratch_ptr, out_ptr, n_splits, ROWS: tl.constexpr, D: tl.constexpr,
                   BLOCK_S: tl.constexpr):
     head, r = tl.program_id(0), tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     c = tl.arange(0, D)
-    at = (head * n_splits + s) * ROWS + r
+    at = ((head * n_splits + s) * ROWS + r) * (D + 2)
     ok = s < n_splits
-    m = tl.load(m_ptr + at, mask=ok, other=float("-inf"))
+    m = tl.load(scratch_ptr + at + D, mask=ok, other=float("-inf"))
     m_max = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    total = tl.sum(w * tl.load(l_ptr + at, mask=ok, other=0.0), axis=0)
-    acc = tl.load(acc_ptr + at[:, None] * D + c[None, :], mask=ok[:, None], other=0.0)
+    total = tl.sum(w * tl.load(scratch_ptr + at + D + 1, mask=ok, other=0.0), axis=0)
+    acc = tl.load(scratch_ptr + at[:, None] + c[None, :], mask=ok[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / total
     tl.store(out_ptr + (head * ROWS + r) * D + c, out.to(out_ptr.dtype.element_ty))
 
@@ -307,7 +325,7 @@ def dequantize_values(codes, scale, zero, bits, group_size, dtype):
 # candidates on their first call and keep the fastest per shape bucket (as triton.autotune would,
 # but the split count also sizes the scratch buffers); short caches and the interpreter take the
 # heuristic of about four programs per SM.
-TUNE_MIN_BLOCKS = 128  # 8k tokens of 64: below this the launch is short and not worth timing
+TUNE_MIN_TOKENS = 8192  # below this a launch is short and not worth timing
 DECODE_TIMINGS = {}  # bucket -> {launch: ms} measured on its first call; the fastest is used
 
 
@@ -325,7 +343,7 @@ def _tiles(blocks, heads, programs):
 
 def _candidates(device, heads, blocks):
     tiles = sorted({_tiles(blocks, heads, _programs(device, per_sm)) for per_sm in (2, 8)})
-    return [(t, warps, stages) for t in tiles for warps in (4, 8) for stages in (1, 3)]
+    return [(t, warps, stages) for t in tiles for warps in (4, 8) for stages in (3, 4)]
 
 
 def _elapsed_ms(fn, reps=5):
@@ -339,47 +357,51 @@ def _elapsed_ms(fn, reps=5):
     return start.elapsed_time(end) / reps
 
 
-def _launch_config(query, heads, blocks, bucket, run):
-    device = query.device
+def _launch_config(device, heads, tokens, blocks, bucket, run):
     if bucket in DECODE_TIMINGS:
         timings = DECODE_TIMINGS[bucket]
         return min(timings, key=timings.get)
-    heuristic = (max(1, _tiles(blocks, heads, _programs(device, 4))), 4, 1)
-    if device.type != "cuda" or blocks < TUNE_MIN_BLOCKS or torch.cuda.is_current_stream_capturing():
+    heuristic = (max(1, _tiles(blocks, heads, _programs(device, 4))), 4, 3)
+    if device.type != "cuda" or tokens < TUNE_MIN_TOKENS or torch.cuda.is_current_stream_capturing():
         return heuristic
     with _on(device):
         DECODE_TIMINGS[bucket] = {launch: _elapsed_ms(lambda: run(launch))
                                   for launch in _candidates(device, heads, blocks)}
-    return _launch_config(query, heads, blocks, bucket, run)
+    return _launch_config(device, heads, tokens, blocks, bucket, run)
+
+
+def _decode_block(group_size):
+    """Tokens per decode tile: the largest of 64, 32, 16 dividing the group, so that each tile has
+    one row of key scales to fold into the query (None: the reference handles the group size)."""
+    return next((block for block in (64, 32, 16) if group_size % block == 0), None)
 
 
 def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
                      residual_values, bits, group_size, scale):
     b, hq, tq, d = query.shape
-    if not _supported(d, group_size):
+    block = _decode_block(group_size)
+    if not _supported(d, group_size) or block is None:
         return naive.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
                                       residual_keys, residual_values, bits, group_size, scale)
     hkv, packed_len, residual_len = key_codes.shape[1], key_codes.shape[2], residual_keys.shape[2]
     n_rep, heads = hq // hkv, b * hkv
     rows = n_rep * tq
-    blocks = triton.cdiv(packed_len, _BLOCK_T)
+    blocks = triton.cdiv(packed_len, block)
     out = torch.empty_like(query)
 
     def run(launch):
         tiles, warps, stages = launch
         n_splits = triton.cdiv(blocks, tiles) + 1  # + the residual split
-        m = query.new_empty(heads, n_splits, rows, dtype=torch.float32)
-        l = torch.empty_like(m)
-        acc = query.new_empty(heads, n_splits, rows, d, dtype=torch.float32)
+        scratch = query.new_empty(heads, n_splits, rows, d + 2, dtype=torch.float32)
         _decode_kernel[(heads, n_splits)](
             query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-            residual_values, m, l, acc, packed_len, residual_len, triton.cdiv(packed_len, group_size), n_splits,
+            residual_values, scratch, packed_len, residual_len, triton.cdiv(packed_len, group_size), n_splits,
             scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
-            naive.value_group(d, group_size), d, bits, _BLOCK_T, _precision(), num_warps=warps, num_stages=stages)
-        _merge_kernel[(heads, rows)](m, l, acc, out, n_splits, rows, d, triton.next_power_of_2(n_splits))
+            naive.value_group(d, group_size), d, bits, block, _precision(), num_warps=warps, num_stages=stages)
+        _merge_kernel[(heads, rows)](scratch, out, n_splits, rows, d, triton.next_power_of_2(n_splits))
 
     bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size)
-    launch = _launch_config(query, heads, blocks, bucket, run)
+    launch = _launch_config(query.device, heads, packed_len, blocks, bucket, run)
     with _on(query.device):
         run(launch)
     return out
