@@ -12,9 +12,6 @@ from engram_kernels import backends
 from engram_kernels.ops.kvcache import decode_attention, quantize_kv, triton_kernels
 
 
-KERNELS = (triton_kernels._decode_kernel, triton_kernels._decode_planes_kernel)
-
-
 def elapsed_ms(fn, reps=20):
     return triton_kernels._elapsed_ms(fn, reps)
 
@@ -51,35 +48,21 @@ def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, resid
 
     print(f"context {context}: packed {packed.nbytes() / 1e6:.1f} MB")
     print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms")
-    outputs = {}
-    for kernel in KERNELS:
-        triton_kernels.DECODE_KERNEL = kernel
-        triton_kernels.DECODE_TIMINGS.clear()
-        name = kernel.fn.__name__
-        try:
-            with backends.use_backend("triton"):
-                call, gpu = elapsed_ms(decode), gpu_ms(decode)
-                outputs[name] = decode().float()
-        except Exception as exc:  # a variant that does not compile here is reported, not fatal
-            print(f"  {name}: failed: {exc!r}"[:2000])
-            continue
-        for bucket, timings in triton_kernels.DECODE_TIMINGS.items():
-            print(f"  {name}, bucket {bucket}")
-            for launch, ms in sorted(timings.items(), key=lambda kv: kv[1]):
-                print(f"    tiles/split, warps, stages {launch}: {ms:.4f} ms")
-        print(f"  {name}: decode_attention call {call:.4f} ms, GPU time alone {gpu:.4f} ms")
-        print_compiled_kernels(kernel)
-    reference = sdpa().float()  # the uncompressed cache: the difference is the int4 error
-    for name, out in outputs.items():
-        print(f"  {name}: max |out - sdpa(uncompressed)| = {(out - reference).abs().max().item():.4f}")
-    triton_kernels.DECODE_KERNEL = KERNELS[-1]
+    with backends.use_backend("triton"):
+        call, gpu = elapsed_ms(decode), gpu_ms(decode)
+    for bucket, timings in triton_kernels.DECODE_TIMINGS.items():
+        print(f"  bucket {bucket}")
+        for launch, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+            print(f"    tiles/split, warps, stages {launch}: {ms:.4f} ms")
+    print(f"  triton decode_attention call {call:.4f} ms, GPU time alone {gpu:.4f} ms")
+    print_compiled_kernels()
     triton_kernels.DECODE_TIMINGS.clear()
 
 
-def print_compiled_kernels(jit_kernel):
-    """Registers and spills of each compiled variant of a kernel (Triton internals: best effort)."""
+def print_compiled_kernels():
+    """Registers and spills of each compiled decode kernel (Triton internals: best effort)."""
     try:
-        for caches in jit_kernel.device_caches.values():
+        for caches in triton_kernels._decode_kernel.device_caches.values():
             for kernel in caches[0].values():
                 kernel._init_handles()
                 meta = kernel.metadata

@@ -248,106 +248,6 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
 
 
 @triton.jit
-def _planes(packed_ptr, rows, row_mask, D: tl.constexpr, BITS: tl.constexpr):
-    """Codes of the packed rows `rows` as exact fp32 bit planes (PER, BLOCK, P): plane i holds
-    channels i*P .. i*P + P - 1. No reshape (no layout change), and no int-to-float conversion:
-    or-ing a code into the mantissa of 2**23 and subtracting 2**23 is exact and runs at full rate."""
-    P: tl.constexpr = D * BITS // 8
-    PER: tl.constexpr = 8 // BITS
-    j = tl.arange(0, P)
-    byte = tl.load(packed_ptr + rows[:, None] * P + j[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
-    codes = (byte[None, :, :] >> (tl.arange(0, PER) * BITS)[:, None, None]) & ((1 << BITS) - 1)
-    return (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-
-
-@triton.jit
-def _fold_planes(s, m, l, acc, v, PRECISION: tl.constexpr):
-    """_fold with values and accumulator as channel planes: v (PER, BLOCK, P), acc (PER, ROWS, P)."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    corr = tl.exp(m - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    l = l * corr + tl.sum(p, axis=1)
-    p3 = tl.broadcast_to(p.to(v.dtype)[None, :, :], (v.shape[0], p.shape[0], p.shape[1]))
-    acc = acc * corr[None, :, None] + tl.dot(p3, v, input_precision=PRECISION)
-    return m_new, l, acc
-
-
-@triton.jit
-def _decode_planes_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr,
-                          packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
-                          N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
-                          GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """_decode_kernel working on channel planes throughout (batched 3-D dots over the PER planes)."""
-    head, split = tl.program_id(0), tl.program_id(1)
-    ROWS: tl.constexpr = N_REP * Q_LEN
-    P: tl.constexpr = D * BITS // 8
-    PER: tl.constexpr = 8 // BITS
-    NG: tl.constexpr = D // GV
-    OPERAND = rk_ptr.dtype.element_ty
-    r = tl.arange(0, ROWS_PAD)
-    plane = tl.arange(0, PER)
-    ch = plane[:, None] * P + tl.arange(0, P)[None, :]  # (PER, P) channel of each plane position
-    j = tl.arange(0, BLOCK)
-    q = tl.load(q_ptr + (head * ROWS + r)[None, :, None] * D + ch[:, None, :], mask=(r < ROWS)[None, :, None],
-                other=0.0)
-    q = q.to(tl.float32) * scale  # (PER, ROWS_PAD, P)
-    limit = packed_len + residual_len - Q_LEN + r % Q_LEN
-    m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([ROWS_PAD], tl.float32)
-    acc = tl.zeros([PER, ROWS_PAD, P], tl.float32)
-
-    start = split * (TILES * BLOCK)
-    for i in range(TILES):
-        t0 = start + i * BLOCK
-        tok = t0 + j
-        ok = tok < packed_len
-        rows = head * packed_len + tok
-        at = (head * n_groups + t0 // G) * D + ch
-        inside = (ch < D) & (t0 // G < n_groups)
-        k_scale = tl.load(ks_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        k_zero = tl.load(kz_ptr + at, mask=inside, other=0.0).to(tl.float32)
-        qs = (q * k_scale[:, None, :]).to(OPERAND)
-        codes = tl.trans(_planes(kc_ptr, rows, ok, D, BITS).to(OPERAND), (0, 2, 1))  # (PER, P, BLOCK)
-        s = tl.sum(tl.dot(qs, codes, input_precision=PRECISION), axis=0)
-        s += tl.sum(tl.sum(q * k_zero[:, None, :], axis=2), axis=0)[:, None]
-        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
-        if GV >= P:  # each plane lies in one value group: (PER, BLOCK) scales
-            vat = rows[None, :] * NG + (plane * P // GV)[:, None]
-            v_ok = ok[None, :] & (plane >= 0)[:, None]
-            vs = tl.load(vs_ptr + vat, mask=v_ok, other=0.0).to(tl.float32)[:, :, None]
-            vz = tl.load(vz_ptr + vat, mask=v_ok, other=0.0).to(tl.float32)[:, :, None]
-        else:
-            vat = rows[None, :, None] * NG + (ch // GV)[:, None, :]
-            v_ok = ok[None, :, None] & (ch >= 0)[:, None, :]
-            vs = tl.load(vs_ptr + vat, mask=v_ok, other=0.0).to(tl.float32)
-            vz = tl.load(vz_ptr + vat, mask=v_ok, other=0.0).to(tl.float32)
-        v = (_planes(vc_ptr, rows, ok, D, BITS) * vs + vz).to(OPERAND)
-        m, l, acc = _fold_planes(s, m, l, acc, v, PRECISION)
-
-    q = q.to(OPERAND)
-    t0 = 0
-    r_end = tl.where(split == n_splits - 1, residual_len, 0)
-    while t0 < r_end:
-        tok = t0 + j
-        ok = tok < r_end
-        at = (head * residual_len + tok)[None, :, None] * D + ch[:, None, :]  # (PER, BLOCK, P)
-        r_ok = ok[None, :, None] & (ch >= 0)[:, None, :]
-        k = tl.load(rk_ptr + at, mask=r_ok, other=0.0)
-        s = tl.sum(tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PRECISION), axis=0)
-        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
-        m, l, acc = _fold_planes(s, m, l, acc, tl.load(rv_ptr + at, mask=r_ok, other=0.0), PRECISION)
-        t0 += BLOCK
-
-    out = ((head * n_splits + split) * ROWS + r) * (D + 2)
-    real = r < ROWS
-    tl.store(scratch_ptr + out[None, :, None] + ch[:, None, :], acc, mask=real[None, :, None] & (ch >= 0)[:, None, :])
-    tl.store(scratch_ptr + out + D, m, mask=real)
-    tl.store(scratch_ptr + out + D + 1, l, mask=real)
-
-
-@triton.jit
 def _merge_kernel(scratch_ptr, out_ptr, n_splits, ROWS: tl.constexpr, D: tl.constexpr,
                   BLOCK_S: tl.constexpr):
     head, r = tl.program_id(0), tl.program_id(1)
@@ -429,9 +329,6 @@ TUNE_MIN_TOKENS = 8192  # below this a launch is short and not worth timing
 DECODE_TIMINGS = {}  # bucket -> {launch: ms} measured on its first call; the fastest is used
 
 
-DECODE_KERNEL = _decode_planes_kernel
-
-
 def _programs(device, per_sm):
     if device.type != "cuda":
         return 4
@@ -483,7 +380,7 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
                      residual_values, bits, group_size, scale):
     b, hq, tq, d = query.shape
     block = _decode_block(group_size)
-    if not _supported(d, group_size) or block is None or d * bits // 8 < 16:  # tl.dot needs K >= 16
+    if not _supported(d, group_size) or block is None:
         return naive.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
                                       residual_keys, residual_values, bits, group_size, scale)
     hkv, packed_len, residual_len = key_codes.shape[1], key_codes.shape[2], residual_keys.shape[2]
@@ -496,7 +393,7 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
         tiles, warps, stages = launch
         n_splits = triton.cdiv(blocks, tiles) + 1  # + the residual split
         scratch = query.new_empty(heads, n_splits, rows, d + 2, dtype=torch.float32)
-        DECODE_KERNEL[(heads, n_splits)](
+        _decode_kernel[(heads, n_splits)](
             query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
             residual_values, scratch, packed_len, residual_len, triton.cdiv(packed_len, group_size), n_splits,
             scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
