@@ -20,14 +20,8 @@ def gpu_ms(fn, reps=20):
     """GPU time alone: the calls queue up behind a sleep kernel, so launch overhead is hidden."""
     fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda._sleep(100_000_000)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+    return elapsed_ms(fn, reps)
 
 
 def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128):
