@@ -10,8 +10,9 @@ The split size is a compile-time number of tiles (a static loop the compiler can
 per shape bucket on a GPU's first call (see _launch_config).
 
 Other loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter
-rejects a runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be powers of two
-(64, 128, ...); other shapes take the reference implementation.
+rejects a runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be
+powers of two (64, 128, ...), and decode groups multiples of 16 tokens; other shapes take the
+reference implementation.
 """
 import contextlib
 import os
@@ -192,10 +193,10 @@ def _key_tile(kc_ptr, ks_ptr, kz_ptr, head, rows, t0, ok, n_groups, G: tl.conste
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr, packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
-                   N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
-                   GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                   PRECISION: tl.constexpr):
+def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr, packed_len,
+                   residual_len, n_groups, n_splits, scale, TILES: tl.constexpr, N_REP: tl.constexpr,
+                   Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr,
+                   BITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)  # head = b * Hkv + kv head
     ROWS: tl.constexpr = N_REP * Q_LEN
     OPERAND = rk_ptr.dtype.element_ty  # the query's dtype: dot operands, fp32 accumulators
