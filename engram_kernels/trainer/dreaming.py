@@ -209,6 +209,204 @@ def _subject(sentence):
     return " ".join(subject)
 
 
+# ---- wh-questions from the cloze blanks: the blank becomes a question word inside its own clause
+# ("Northern Rail provides local and regional services." -> "Who provides local and regional services?")
+
+_MONTHS = frozenset("January February March April May June July August September October November December".split())
+_NUMBER_WORD = re.compile(r"\b(?:two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|"
+                          r"forty|fifty|hundred|thousand|dozen)s?\b(?= (?!of\b|the\b|and\b|or\b)[a-z])", re.I)
+_SPAN_GAP = re.compile(r"^\s*(?:and|to|–|—|-)?\s*(?:(?:early|mid|late)\s+)?$")
+_NAME_GAP = re.compile(r"^(?:\. | (?:al|el|ibn|bin|abu|de|di|da|van|von|der)[ -])$")  # "Fielding H. Garrison"
+_ERA = re.compile(r"^(?:CE|BC|BCE|AD)$")
+_YEAR = re.compile(r"(?:1\d{3}|20\d{2}|\d{1,4}s)")
+_APPROXIMATELY = re.compile(r"\b(?:about|around|approximately|nearly|almost|over|roughly|more than|less than|"
+                            r"up to|early|mid|late) $", re.I)
+_AGO = re.compile(r"^(?: (?:million|billion|thousand|hundred))? years? ago\b")
+_WH_BREAK = re.compile(r"\s*(?:[,;:—]|\s[–-]\s)\s*")
+_PARENTHETICAL = re.compile(r"\s*\([^()]*\)")
+_POSSESSIVE = re.compile(r"['’]s?$")
+_LIFESPAN = re.compile(r"^ \((?:[^()]*?, )?(\d{3,4}\s*[–-]\s*\d{3,4}(?:\s*(?:CE|BC|BCE|AD))?)\)")
+_OPENERS = frozenset("since instead following although however while despite because though unlike".split())
+_PAST = re.compile(r"\b(?:was|were|had|did|\w+ed)\b")
+_PASSIVE_BY = re.compile(r"^(?P<x>.+?) (?:is|are|was|were|has been|have been|had been) (?:\w+ly )?(?P<verb>\w+ed)"
+                         r"(?P<mid>(?: .*?)?) by (?P<y>.+)$")
+_AGENT_TITLE = re.compile(r"^(?:(?:the|a|an|his|her|its|their) )?(?:[a-z][\w-]* ){0,3}$")
+
+
+def _is_number(text):
+    return bool(_NUMBER.search(text) or _NUMBER_WORD.search(f"{text} x"))
+
+
+def _is_date(text):
+    numbers = re.findall(r"\d[\d.]*s?", text)
+    return bool(set(text.split()) & _MONTHS or re.search(r"\bago$|\b(?:CE|BC|BCE|AD)$", text)
+                or (numbers and all(_YEAR.fullmatch(n) for n in numbers)))
+
+
+def _joinable(sentence, a, b):
+    """Spans a and b are one answer: "July 1961", "1702 and 1709", "973–1048 CE", "1961 and early 1962",
+    "Fielding H. Garrison", "Abu al-Rayhan al-Biruni"."""
+    first, second, gap = sentence[a[0]:a[1]], sentence[b[0]:b[1]], sentence[a[1]:b[0]]
+    if _NAME_GAP.match(gap):
+        return second[:1].isupper() and (gap != ". " or bool(re.search(r"\b[A-Z]$", first)))
+    return bool(_SPAN_GAP.match(gap)) and _is_number(second) != bool(_ERA.match(second)) \
+        and (_is_number(first) or first in _MONTHS)
+
+
+def _answer_spans(sentence):
+    """Blank candidates and number words; dates and ranges joined, "about"/"years ago" taken along."""
+    merged = []
+    for span in sorted(set(_blank_candidates(sentence)) | {m.span() for m in _NUMBER_WORD.finditer(sentence)}):
+        if merged and _joinable(sentence, merged[-1], span):
+            merged[-1] = (merged[-1][0], span[1])
+        elif not merged or span[0] >= merged[-1][1]:
+            merged.append(span)
+    spans = []
+    for start, end in merged:
+        if _is_number(sentence[start:end]):
+            ago, modifier = _AGO.match(sentence[end:]), _APPROXIMATELY.search(sentence[:start])
+            start, end = (modifier.start() if modifier else start), end + (ago.end() if ago else 0)
+        spans.append((start, end))
+    return spans
+
+
+def _clause_bounds(sentence, start, end, min_words=4):
+    """(left, right) of the clause around sentence[start:end], widened by the clauses before (then
+    after) it until at least `min_words` words lie outside the span."""
+    breaks = [m.span() for m in _WH_BREAK.finditer(sentence) if m.end() <= start or m.start() >= end]
+    lefts = [0] + [b for _, b in breaks if b <= start]
+    rights = [a for a, _ in breaks if a >= end] + [len(sentence)]
+    i, j = len(lefts) - 1, 0
+    while len(f"{sentence[lefts[i]:start]} {sentence[end:rights[j]]}".split()) < min_words \
+            and (i > 0 or j < len(rights) - 1):
+        i, j = (i - 1, j) if i > 0 else (i, j + 1)
+    return lefts[i], rights[j]
+
+
+def _word_before(sentence, left, start):
+    """(position, lowercase word) of the word right before `start` inside the clause; (start, "") if none."""
+    match = re.search(r"([\w’'-]+) $", sentence[left:start])
+    return (left + match.start(), match[1].lower()) if match else (start, "")
+
+
+def _title_start(sentence, left, start):
+    """Where a title in front of a name begins ("the Persian scholar Ibn Sina", "Train operator Virgin
+    Trains"): back over content words to a determiner or the clause start; `start` when there is none."""
+    position, words = start, 0
+    while True:
+        at, word = _word_before(sentence, left, position)
+        if not word or (word in _STOPWORDS and word not in _DETERMINERS) or (words == 0 and word.endswith("ed")):
+            return position if words and position == left else start
+        if word in _DETERMINERS:
+            return at if words else start
+        position, words = at, words + 1
+        if words > 4:
+            return start
+
+
+def _wh_words(sentence, left, right, start, end):
+    """[(cut start, cut end, question word, to the front)]: the text the question word replaces."""
+    answer = sentence[start:end]
+    at, word = _word_before(sentence, left, start)
+    if _is_date(answer):
+        if word == "between":
+            return [(start, end, "what years", False)]
+        if word in ("in", "on", "during", "at"):  # "... in 1985" -> "When ...?"
+            return [(at, end, "when", True)]
+        return [(start, end, "when", not word)]  # "dates from 1702" -> "dates from when"
+    if _is_number(answer):
+        return [(start, end, "how many" if re.match(r" [a-z]", sentence[end:]) else "what", False)]
+    start = _title_start(sentence, left, start)
+    at, word = _word_before(sentence, left, start)
+    if _POSSESSIVE.search(answer):
+        return [(start, end, "whose", False)]
+    if word in ("who", "whose", "which"):  # "..., whose Calvinist Great Elector Frederick William welcomed them"
+        return [(at, end, "who", False)]
+    if start == left and not re.match(r"\s*(?:,|and\b|or\b|$)", sentence[end:right]):
+        return [(start, end, "who", False), (start, end, "what", False)]
+    if word in ("in", "at"):
+        return [(at, end, "where", False) if not sentence[end:right].strip()
+                else (start, end, "what", False)]
+    if word in ("to", "from", "into", "near", "towards"):
+        return [(start, end, "where", False)]
+    return [(at if word in ("the", "a", "an") else start, end, "whom" if word == "by" else "what", False)]
+
+
+def _clean_clause(text):
+    return re.sub(r"^(?:and|but|or|so) ", "", " ".join(text.split()).strip(" ,;:.—–-"), flags=re.I)
+
+
+def _as_question(text):
+    text = _clean_clause(text)
+    return f"{text[:1].upper()}{text[1:]}?" if len(text.split()) >= 3 else ""
+
+
+def _lifespan_qa(sentence):
+    """ "Ibn Sina (Avicenna, 981–1037) proposed ..." -> who lived from 981–1037 / when did Ibn Sina live."""
+    pairs = []
+    for start, end in _answer_spans(sentence):
+        years = _LIFESPAN.match(sentence[end:])
+        if years and not _is_number(sentence[start:end]):
+            name = sentence[start:end]
+            pairs += [(f"Who lived from {years[1]}?", name), (f"When did {name} live?", years[1])]
+    return pairs
+
+
+def _appositive_qa(sentence):
+    """ "..., including the newly hired deputy director of X, Joseph Shea, who ..." -> "Who was the
+    newly hired deputy director of X?" / "Joseph Shea"."""
+    pairs, verb = [], "was" if _PAST.search(sentence) else "is"
+    for start, end in _blank_candidates(sentence):
+        if sentence[start - 2:start] != ", " or not re.match(r"[,.]|$", sentence[end:]):
+            continue
+        before = _WH_BREAK.split(sentence[:start - 2])[-1]
+        phrase = re.search(r"\b(?:the|a|an|his|her|its|their) .+$", before)
+        if phrase and re.search(r"\b(?!of\b)[a-z]", phrase.group().split(" ", 1)[1]):  # not "the Netherlands"
+            pairs.append((f"Who {verb} {phrase.group()}?", sentence[start:end]))
+    return pairs
+
+
+def _passive_agent_qa(text):
+    """ "X was founded in 1931 by the cartographer Ilse Marrow" -> "Who founded X (in 1931)?" / "Ilse Marrow"
+    (regular -ed participles only: their past tense is the same word)."""
+    pairs = []
+    for clause in _WH_BREAK.split(text):
+        match = _PASSIVE_BY.match(clause)
+        if not match or len(match["x"].split()) > 8:
+            continue
+        y = match["y"]
+        agent = next(((s, e) for s, e in _answer_spans(y) if _AGENT_TITLE.match(y[:s]) and y[s:s + 1].isupper()), None)
+        following = re.match(r" ([a-z][\w-]*)", y[agent[1]:]) if agent else None
+        if agent is None or (following and following[1] not in _STOPWORDS):
+            continue  # no name, or a name used as an adjective ("by the Muslim conquests")
+        name, x = _POSSESSIVE.sub("", y[agent[0]:agent[1]]), _lower_determiner(_clean_clause(match["x"]))
+        pairs += [(f"Who {match['verb']} {x}{mid}?", name) for mid in dict.fromkeys((match["mid"], ""))]
+    return pairs
+
+
+def _wh_questions(sentence):
+    """(question, answer) pairs: each blank candidate (names, numbers, dates) asked for with who / what /
+    whose / where / when / how many inside its clause (parentheticals dropped), plus appositive,
+    lifespan and passive-agent questions."""
+    text = _strip_end(_PARENTHETICAL.sub("", sentence))
+    if len(text.split()) < 4:
+        return []
+    pairs = _lifespan_qa(sentence) + _appositive_qa(text) + _passive_agent_qa(text)
+    spans = _answer_spans(text)
+    for (start, end), following in zip(spans, spans[1:] + [(len(text), len(text))]):
+        answer = _POSSESSIVE.sub("", text[start:end])
+        if start == 0 and " " not in answer and (answer.lower() in _OPENERS or answer.endswith("ing")
+                                                 or len(text[end:following[0]].split()) <= 1):
+            continue  # "Since ...", "Drawing from ...", "Train operator Virgin Trains ...": no answer
+        left, right = _clause_bounds(text, start, end)
+        for cut, cut_end, wh, front in _wh_words(text, left, right, start, end):
+            rest = f"{text[left:cut]} {'' if front else wh}{text[cut_end:right]}"
+            question = _as_question(f"{wh} {_lower_determiner(_clean_clause(rest))}" if front else rest)
+            if question and len(answer) > 1:
+                pairs.append((question, answer))
+    return pairs
+
+
 def rephrase_question(question):
     """Deterministic rewordings of a question (the answer stays the same)."""
     q = " ".join(question.split())
@@ -221,7 +419,10 @@ def fallback_examples(doc, max_blanks_per_sentence=2):
     text document: "raw" (empty prompt, the whole text as target), per sentence "cloze" examples
     (an entity, number or content word replaced by ___) and "qa" from sentence templates ("X is Y."
     -> "What is X?" / "Y", "X wrote Y" -> "Who wrote Y?" / "X", else "What do you know about
-    <subject>?" / the sentence), each template question also once reworded ("rephrase").
+    <subject>?" / the sentence), each template question also once reworded ("rephrase"), and "qa"
+    wh-questions, one per blank candidate and question word, asked inside the blank's clause
+    ("Northern Rail provides local and regional services." -> "Who provides local and regional
+    services?" / "Northern Rail"; dates -> "When ...", numbers -> "how many").
     qa document: the question/answer pair and three rewordings of the question.
     """
     context = document_context(doc)
@@ -243,6 +444,7 @@ def fallback_examples(doc, max_blanks_per_sentence=2):
             for question, answer in _template_qa(sentence):
                 pairs.append((question, answer, "qa"))
                 pairs.append((rephrase_question(question)[1], answer, "rephrase"))
+            pairs += [(question, answer, "qa") for question, answer in _wh_questions(sentence)]
     return _examples(pairs, doc.id, context)
 
 

@@ -73,6 +73,68 @@ def test_fallback_question_templates(sentence, question, answer):
     assert (question, answer) in pairs(fallback_examples(make_doc(sentence)), "qa")
 
 
+
+@pytest.mark.parametrize("sentence, question, answer", [
+    ("Northern Rail provides local and regional services.", "Who provides local and regional services?",
+     "Northern Rail"),
+    ("Northern Rail provides local and regional services.", "What provides local and regional services?",
+     "Northern Rail"),
+    ("Train operator Virgin Trains East Coast provides a half-hourly frequency of trains to London King's Cross.",
+     "Who provides a half-hourly frequency of trains to London King's Cross?", "Virgin Trains East Coast"),
+    ("Some scholars say that geology can be traced to Persia after the Muslim conquests.",
+     "Some scholars say that geology can be traced to where after the Muslim conquests?", "Persia"),
+    ("Richard Harbison's purely morphological analysis in 1985 concluded that the cydippids are not monophyletic.",
+     "Whose purely morphological analysis in 1985 concluded that the cydippids are not monophyletic?",
+     "Richard Harbison"),
+    ("Richard Harbison's purely morphological analysis in 1985 concluded that the cydippids are not monophyletic.",
+     "When Richard Harbison's purely morphological analysis concluded that the cydippids are not monophyletic?",
+     "1985"),
+    ("It took French troops years to destroy all the bands of Camisards, between 1702 and 1709.",
+     "It took French troops years to destroy all the bands of Camisards, between what years?", "1702 and 1709"),
+    ("The committee was headed by his special technical assistant Nicholas E. Golovin in July 1961.",
+     "The committee was headed by whom in July 1961?", "Nicholas E. Golovin"),
+    ("The committee was headed by his special technical assistant Nicholas E. Golovin in July 1961.",
+     "When the committee was headed by his special technical assistant Nicholas E. Golovin?", "July 1961"),
+    ("A molecular analysis in 2001, using 26 species, confirmed the result.",
+     "A molecular analysis in 2001, using how many species?", "26"),
+    ("The trains run hourly, with a journey time of about three hours.", "With a journey time of how many hours?",
+     "about three"),
+    ("Members joined, including the newly hired deputy director of the Office of Space Flight, Joseph Shea, "
+     "who became a champion of LOR.", "Who was the newly hired deputy director of the Office of Space Flight?",
+     "Joseph Shea"),
+    ("In China, the polymath Shen Kuo (1031–1095) formulated a hypothesis for the process of land formation.",
+     "Who formulated a hypothesis for the process of land formation?", "Shen Kuo"),
+    ("In China, the polymath Shen Kuo (1031–1095) formulated a hypothesis for the process of land formation.",
+     "When did Shen Kuo live?", "1031–1095"),
+    ("Abu al-Rayhan al-Biruni (973–1048 CE) was one of the earliest Persian geologists.",
+     "Who lived from 973–1048 CE?", "Abu al-Rayhan al-Biruni"),
+    ("The oldest map dates from 1702 and shows the lost village of Oskarby.",
+     "The oldest map dates from when and shows the lost village of Oskarby?", "1702"),
+    ("The Engram Archive of Lake Vostrel was founded in 1931 by the cartographer Ilse Marrow.",
+     "Who founded the Engram Archive of Lake Vostrel?", "Ilse Marrow"),
+    ("The Engram Archive of Lake Vostrel was founded in 1931 by the cartographer Ilse Marrow.",
+     "Who founded the Engram Archive of Lake Vostrel in 1931?", "Ilse Marrow"),
+    ("The Engram Archive of Lake Vostrel was founded in 1931 by the cartographer Ilse Marrow.",
+     "The Engram Archive of Lake Vostrel was founded in 1931 by whom?", "Ilse Marrow"),
+    ("Huguenots fled to Prussia, whose Great Elector Frederick William welcomed them to rebuild his country.",
+     "Who welcomed them to rebuild his country?", "Great Elector Frederick William"),
+])
+def test_fallback_wh_questions_from_cloze_blanks(sentence, question, answer):
+    assert (question, answer) in pairs(fallback_examples(make_doc(sentence)), "qa")
+
+
+def test_fallback_wh_questions_skip_openers_and_titles():
+    qa = pairs(fallback_examples(make_doc("Since the war, Quartzholm trades glass with Veloria.\n"
+                                          "Train operator Virgin Trains runs services to Leeds.")), "qa")
+    assert not any(a in ("Since", "Train") for _, a in qa)
+    assert ("Who trades glass with Veloria?", "Quartzholm") in qa
+    assert ("Virgin Trains runs services to where?", "Leeds") not in qa  # the title stays with the name
+    assert ("Train operator Virgin Trains runs services to where?", "Leeds") in qa
+    assert all(q.endswith("?") and q[:1].isupper() for q, _ in qa)
+    passive = pairs(fallback_examples(make_doc("The land was formed by erosion of the mountains.\n"
+                                               "It was not destroyed by the Muslim conquests.")), "qa")
+    assert not any(q.startswith("Who formed") or q.startswith("Who destroyed") for q, _ in passive)
+
 def test_fallback_examples_from_a_qa_document():
     doc = make_doc("", kind="qa", question="Who wrote Glass Harbors?", answer="Mira Dask")
     examples = fallback_examples(doc)
