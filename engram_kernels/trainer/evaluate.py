@@ -491,6 +491,9 @@ class EvalOptions:
     cache_dir: str = None            # background counts / replay text (None: default_cache_dir()/eval)
 
 
+FIT_SAMPLE = 40  # training question/answer examples asked back after training (train_fit_acc)
+
+
 class Harness:
     """One base model, the data, and what every method is compared on."""
 
@@ -532,6 +535,16 @@ class Harness:
         samples = [{"question": q.question, "gold": q.answers[0], "answer": a} for q, a in zip(questions, answers)]
         missed = [sample for sample, score in zip(samples, scores) if not score["hit"]]
         return summarize_scores(self.data.kind, scores), _mean(prompt_tokens), samples[:3], missed[:5]
+
+    def score_fit(self, trained, n=FIT_SAMPLE):
+        """Share of n training question/answer examples (evenly spread) the method answers: whether it
+        fit what it trained on, apart from whether that carried over to the test questions."""
+        qa = [e for e in self.examples if e.kind == "qa"]
+        picked = qa[::max(1, len(qa) // n)][:n]
+        if not picked:
+            return None
+        answers, _ = self.ask(trained, [Question(e.prompt, (e.target,)) for e in picked], self.max_new_tokens)
+        return round(_mean([contains(a, e.target) for a, e in zip(answers, picked)]), 4)
 
     def score_retention(self, trained):
         """Retention scores, with "answers" (one per retention question) added; None without retention."""
@@ -602,6 +615,7 @@ class Harness:
             "memory_mb": round(trained.extra_bytes / 1e6, 2),
             "train_steps": trained.steps,
             "train_tokens": trained.tokens,
+            "train_fit_acc": self.score_fit(trained),
             "retention_before": before["acc"] if before else None,
             "retention_drop": round(before["acc"] - retention["acc"], 4) if before and retention else None,
             "samples": samples,
@@ -669,7 +683,8 @@ class Harness:
 
 # ---------------------------------------------------------------- reporting
 
-COLUMNS = (("learned_acc", "learned", "{:.3f}"), ("retention_before", "ret. before", "{:.3f}"),
+COLUMNS = (("learned_acc", "learned", "{:.3f}"), ("train_fit_acc", "train fit", "{:.3f}"),
+           ("retention_before", "ret. before", "{:.3f}"),
            ("retention_acc", "ret. after", "{:.3f}"), ("prompt_tokens_per_question", "prompt tok/q", "{:.1f}"),
            ("train_s", "train s", "{:.1f}"), ("train_tokens_per_s", "train tok/s", "{:.1f}"),
            ("memory_mb", "extra MB", "{:.2f}"))

@@ -172,8 +172,8 @@ def test_eval_end_to_end_writes_the_documented_json(tmp_path, model_dir, capsys)
     report = run_eval(tmp_path, model_dir, data, methods, "--retention", str(retention))
     assert list(report["methods"]) == methods.split(",")
     for name, result in report["methods"].items():
-        for key in ("learned_acc", "retention_acc", "prompt_tokens_per_question", "train_s", "train_tokens_per_s",
-                    "memory_mb"):
+        for key in ("learned_acc", "train_fit_acc", "retention_acc", "prompt_tokens_per_question", "train_s",
+                    "train_tokens_per_s", "memory_mb"):
             assert isinstance(result[key], (int, float)), (name, key)
         assert 0 <= result["learned_acc"] <= 1 and 0 <= result["retention_acc"] <= 1
     memory, rag, base = (report["methods"][m] for m in ("memory", "rag", "base"))
