@@ -348,19 +348,21 @@ def pytest_terminal_summary(terminalreporter, config):
 # ---- order: cheap, most wanted numbers first ----------------------------------------------------
 
 def pytest_collection_modifyitems(config, items):
-    """Config by config (inputs are reused), then backend, op and pass; torch.compile (minutes of
-    compiling on a fresh machine) after everything else, so a run cut short by a timeout loses the
-    least. Ranks follow the module's CONFIGS, BACKENDS and PASSES and the order of the tests."""
-    op_rank = {}
+    """File by file in the order given (gpu_check's BENCH_FILES), then config by config (inputs are
+    reused), backend, op and pass; torch.compile (minutes of compiling on a fresh machine) after
+    everything else, so a run cut short by a timeout loses the least. Ranks follow the module's CONFIGS,
+    BACKENDS and PASSES and the order of the files and tests."""
+    op_rank, file_rank = {}, {}
     for item in items:
         op_rank.setdefault(item.originalname, len(op_rank))
+        file_rank.setdefault(item.module, len(file_rank))
 
     def rank(item):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if not {"backend", "config", "pass_"} <= params.keys():
-            return (False, 0, 0, 0, 0)
+            return (False, 0, 0, 0, 0, 0)
         module = item.module
-        return (params["backend"] == "compiled", list(module.CONFIGS).index(params["config"]),
+        return (params["backend"] == "compiled", file_rank[module], list(module.CONFIGS).index(params["config"]),
                 module.BACKENDS.index(params["backend"]), op_rank[item.originalname],
                 module.PASSES.index(params["pass_"]))
 
