@@ -1,6 +1,7 @@
 """How specific are memory-slot reads? The limit behind the memory method's forgetting, measured.
 
-    OMP_NUM_THREADS=1 python scripts/slot_overlap.py [--configs 4x256 4x256:raw ...] [--out eval_results/slot_overlap.json]
+    OMP_NUM_THREADS=1 python scripts/slot_overlap.py [--configs 4x256 4x256:raw ...]
+        [--out eval_results/slot_overlap.json]
 
 For a fresh memory layer (k slots per head x 4 heads, n_keys**2 slots, at the middle decoder layer
 of SmolLM2-135M-Instruct, seed 0 as in `engram eval`; queries calibrated on the background text,

@@ -369,7 +369,7 @@ def train_memory_method(model, counts, tokenizer, examples, config, budget_s=Non
     return _train_memory_for(trained, tokenizer, examples, counts, config, budget_s, replay)
 
 
-def _train_memory_for(trained, tokenizer, examples, background, config, budget_s, replay=None):
+def _train_memory_for(trained, tokenizer, examples, counts, config, budget_s, replay=None):
     # train_memory has no time limit: its progress callback ends the loop once the budget is spent.
     seen = {"steps": 0, "tokens_per_s": 0.0}
     start = time.perf_counter()
@@ -380,7 +380,7 @@ def _train_memory_for(trained, tokenizer, examples, background, config, budget_s
             raise _BudgetSpent
 
     try:
-        train_memory(trained.model, tokenizer, examples, background,
+        train_memory(trained.model, tokenizer, examples, counts,
                      dataclasses.replace(config, epochs=10 ** 9), progress=progress, replay=replay)
     except _BudgetSpent:
         trained.model.eval()
@@ -657,16 +657,16 @@ class Harness:
             raise ValueError(f"--sequential {k}: needs between 1 and {items} (the number of learned items) batches")
         groups = [list(range(items * i // k, items * (i + 1) // k)) for i in range(k)]
         o = self.options
-        model, background = self.fresh_memory()
+        model, counts = self.fresh_memory()
         trained = Trained(model)
         first_questions = [q for q in self.data.questions if q.item in groups[0]]
         steps = []
         for index, group in enumerate(groups, 1):
             examples = self.training_examples([self.data.documents[i] for i in group])
-            stats = train_memory(model, self.tokenizer, examples, background, o.learn, replay=self.background)
+            stats = train_memory(model, self.tokenizer, examples, counts, o.learn, replay=self.background)
             if o.protect_learned:
                 learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len)
-                background = with_learned(background, learned, o.protect_learned)
+                counts = with_learned(counts, learned, o.protect_learned)
             first = self.score_learned(trained, first_questions)[0]
             current = self.score_learned(trained, [q for q in self.data.questions if q.item in group])[0]
             steps.append({"learn": index, "items": len(group), "train_s": round(stats.seconds, 2),
@@ -757,7 +757,8 @@ def add_eval_arguments(parser):
                         help="sequences of background text sampled from the model (slot statistics, replay)")
     parser.add_argument("--background-len", type=int, default=options.background_len, help="their length in tokens")
     parser.add_argument("--no-calibrate", action="store_true",
-                        help="keep the memory's random query projection (default: centered and whitened on the background text)")
+                        help="keep the memory's random query projection "
+                             "(default: centered and whitened on the background text)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
