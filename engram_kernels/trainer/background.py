@@ -97,9 +97,12 @@ def calibrate_addressing(model, tokenizer, examples, batch_size=16):
     calibrate_memory_queries(model, batches)
 
 
-def _fingerprint(model, examples):
-    """Hash of what decides the counts: base model id, memory configs, query/key weights, the text."""
+def _fingerprint(model, examples, question=False):
+    """Hash of what decides the counts: base model id, memory configs, query/key weights, the text,
+    which positions count."""
     digest = hashlib.sha256(str(getattr(model.config, "_name_or_path", "")).encode())
+    if question:
+        digest.update(b"question")
     for layer, memory in sorted(memory_layers(model).items()):
         digest.update(f"{layer}:{json.dumps(memory.config(), sort_keys=True)}".encode())
         for t in (memory.query.weight, memory.query_center, memory.query_norm.weight, memory.keys1, memory.keys2):
@@ -135,18 +138,19 @@ def _save_counts(path, background, fingerprint):
     os.replace(tmp, path)
 
 
-def background_counts(model, tokenizer, examples, cache_path=None):
+def background_counts(model, tokenizer, examples, cache_path=None, question=False):
     """Slot reads on background `examples` ({layer: int64 counts}, a BackgroundCounts whose
     `.tokens` is the number of tokens counted), counted as a learn counts its batches: where a text
-    token is predicted. With `cache_path`, saved there as safetensors and reused while the memory
-    lookup (model id, memory configs, query and key weights) and the text are the same."""
+    token is predicted and, with `question` (LearnConfig.rank_question), at the prompts' own tokens.
+    With `cache_path`, saved there as safetensors and reused while the memory lookup (model id,
+    memory configs, query and key weights), the text and `question` are the same."""
     if not examples:
         raise ValueError("background_counts needs at least one background example")
-    fingerprint = _fingerprint(model, examples)
+    fingerprint = _fingerprint(model, examples, question)
     cached = _load_counts(cache_path, model, fingerprint)
     if cached is not None:
         return cached
-    counts, tokens = target_slot_counts(model, tokenizer, examples, MAX_LEN)
+    counts, tokens = target_slot_counts(model, tokenizer, examples, MAX_LEN, question=question)
     background = BackgroundCounts(counts, tokens, len(examples))
     if cache_path:
         _save_counts(cache_path, background, fingerprint)

@@ -22,7 +22,7 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import MEMORY_LAYER, LearnConfig, train_memory
+from .learn import MEMORY_LAYER, RANK_QUESTION_HELP, LearnConfig, train_memory
 from .models import load_model
 from .versions import MemoryStore
 
@@ -108,14 +108,15 @@ def cmd_learn(args):
             print("nothing new to learn")
             return 0
         background = _background(home, model, tokenizer, args.seed)
-        counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors")
+        counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors",
+                                   question=args.rank_question)
         examples = _examples(pending, model, tokenizer, args)
         kept, skipped = drop_known(examples, model, tokenizer, args.skip_known)
         print(f"dreamed {len(examples)} examples; {skipped} skipped as already known")
         before = {layer: m.values.detach().clone() for layer, m in memory_layers(model).items()}
         config = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              max_len=args.max_len, distill_weight=args.distill, replay_per_batch=args.replay,
-                             seed=args.seed)
+                             rank_question=args.rank_question, seed=args.seed)
         stats = train_memory(model, tokenizer, kept, counts, config, progress=_progress,
                              replay=background) if kept else None
         summary = {**(stats.as_dict() if stats else {}), "skipped_known": skipped}
@@ -194,6 +195,7 @@ def build_parser():
     learn.add_argument("--max-len", type=int, default=defaults.max_len)
     learn.add_argument("--replay", type=int, default=defaults.replay_per_batch,
                        help="background examples (the model's own text) mixed into every batch")
+    learn.add_argument("--rank-question", action="store_true", help=RANK_QUESTION_HELP)
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
     learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")

@@ -6,6 +6,7 @@ pairs and a rephrasing) and an external OpenAI-compatible endpoint doing the sam
 removes the examples the model already gets right (low loss on the target tokens).
 """
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -51,6 +52,15 @@ def prompt_ids(tokenizer, prompt):
     if start is None:
         raise ValueError("tokenizer has neither a bos nor an eos token to start text from")
     return [start]
+
+
+@functools.lru_cache(maxsize=8)
+def template_edges(tokenizer):
+    """(tokens before, tokens after) the user's text in prompt_ids: the chat template's fixed parts."""
+    a, b = prompt_ids(tokenizer, "x y"), prompt_ids(tokenizer, "z w v")
+    before = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), 0)
+    after = next((i for i in range(min(len(a), len(b)) - before) if a[-1 - i] != b[-1 - i]), 0)
+    return before, after
 
 
 def document_context(doc):

@@ -39,7 +39,8 @@ from ..integrations import memory_parameters
 from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
-from .learn import MEMORY_LAYER, LearnConfig, encode, pad_batch, target_loss, target_slot_counts, train_memory
+from .learn import (MEMORY_LAYER, RANK_QUESTION_HELP, LearnConfig, encode, pad_batch, target_loss, target_slot_counts,
+                    train_memory)
 from .models import default_cache_dir, freeze
 from .slots import with_learned
 
@@ -345,14 +346,15 @@ def _bytes(parameters):
 
 
 def fresh_memory_model(base, tokenizer, memory_config, background, layers=None, seed=0, calibrate=True,
-                       counts_cache=None):
+                       counts_cache=None, question=False):
     """(copy of `base` with new memory layers, all frozen, addressing calibrated on the `background`
-    examples unless `calibrate` is False; the slot counts of those examples, cached at `counts_cache`)."""
+    examples unless `calibrate` is False; the slot counts of those examples, cached at `counts_cache`,
+    counted with `question` as LearnConfig.rank_question says)."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)  # the memory's keys and query projection
     add_calibrated_memory(model, tokenizer, background, layers, calibrate, **memory_config)
     freeze(model)
-    return model, background_counts(model, tokenizer, background, counts_cache)
+    return model, background_counts(model, tokenizer, background, counts_cache, question)
 
 
 def train_memory_method(model, counts, tokenizer, examples, config, budget_s=None, replay=None):
@@ -574,7 +576,7 @@ class Harness:
     def fresh_memory(self):
         o = self.options
         return fresh_memory_model(self.base, self.tokenizer, o.memory, self.background, o.layers, o.seed,
-                                  o.calibrate, self.counts_cache)
+                                  o.calibrate, self.counts_cache, o.learn.rank_question)
 
     def train(self, method, budget_s):
         o = self.options
@@ -665,7 +667,8 @@ class Harness:
             examples = self.training_examples([self.data.documents[i] for i in group])
             stats = train_memory(model, self.tokenizer, examples, counts, o.learn, replay=self.background)
             if o.protect_learned:
-                learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len)
+                learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len,
+                                             question=o.learn.rank_question)
                 counts = with_learned(counts, learned, o.protect_learned)
             first = self.score_learned(trained, first_questions)[0]
             current = self.score_learned(trained, [q for q in self.data.questions if q.item in group])[0]
@@ -744,6 +747,7 @@ def add_eval_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-len", type=int, default=defaults.max_len)
     parser.add_argument("--distill", type=float, default=defaults.distill_weight)
+    parser.add_argument("--rank-question", action="store_true", help=RANK_QUESTION_HELP)
     parser.add_argument("--memory-replay", type=int, default=defaults.replay_per_batch,
                         help="background examples mixed into every memory batch (0: none)")
     parser.add_argument("--lora-lr", type=float, default=options.lora_lr)
@@ -777,7 +781,7 @@ def options_from_args(args):
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
     learn = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                         max_len=args.max_len, distill_weight=args.distill,
-                        replay_per_batch=args.memory_replay, seed=args.seed)
+                        replay_per_batch=args.memory_replay, rank_question=args.rank_question, seed=args.seed)
     memory = {name: getattr(args, name) for name in EvalOptions().memory}
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     return EvalOptions(methods=methods, budget_s=args.budget_s, learn=learn, memory=memory, layers=layers,
@@ -795,7 +799,10 @@ def command_line(args):
         if key in ("command", "func", "home") or value is None or value is False or value == []:
             continue
         flag = "--" + key.replace("_", "-")
-        words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+        if value is True:  # a store_true flag
+            words.append(flag)
+        else:
+            words += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
     return shlex.join(words)
 
 

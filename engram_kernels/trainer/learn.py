@@ -1,10 +1,11 @@
 """Sparse memory finetuning: write training examples into the memory layers of a frozen model.
 
-Per batch: count which memory slots the batch reads where it predicts target tokens, rank them by
-TF-IDF against background counts (slots.py, background.py), and let only the top-t slots of each
-layer change through the fused sparse Adam step. A fresh memory's addressing is calibrated on the
-same background text first (background.add_calibrated_memory), so that different content reads
-different slots.
+Per batch: count which memory slots the batch reads where it predicts target tokens (with
+`rank_question`, also at the question's own tokens, where a reworded question about the same subject
+may read the same slots), rank them by TF-IDF against background counts (slots.py, background.py),
+and let only the top-t slots of each layer change through the fused sparse Adam step. A fresh
+memory's addressing is calibrated on the same background text first
+(background.add_calibrated_memory), so that different content reads different slots.
 Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
 only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
 plus optional context distillation: the base model with the source document in its prompt is the
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from ..integrations import memory_disabled, memory_layers
 from ..optim import FusedSparseAdam
-from .dreaming import prompt_ids
+from .dreaming import prompt_ids, template_edges
 from .slots import SlotCounter, tfidf_allow_masks
 
 IGNORE = -100
@@ -29,6 +30,10 @@ IGNORE = -100
 # weight and overlap less between facts; on tofu_dev it learned 0.9 where k = 32 learned 0.5 in the
 # same time, with no more forgetting (eval_results/README.md).
 MEMORY_LAYER = dict(heads=4, k=4, n_keys=256, key_dim=256)
+
+
+RANK_QUESTION_HELP = ("also let slots read at a question's own tokens change (default: only where answer tokens are "
+                      "predicted); reworded questions about the same subject then read written slots")
 
 
 @dataclasses.dataclass
@@ -41,6 +46,7 @@ class LearnConfig:
     distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
     distill_top_k: int = 32      # teacher log-probs kept per target token
     replay_per_batch: int = 2    # background (replay) examples added to every batch, when replay is given
+    rank_question: bool = False  # also rank slots read at the question's own tokens (see train_memory)
     seed: int = 0
 
 
@@ -48,6 +54,7 @@ class LearnConfig:
 class Encoded:
     ids: list          # student tokens: prompt + target
     target_start: int  # index of the first target token in ids
+    question: tuple = (0, 0)  # [start, end) of the prompt's own text in ids (no chat template)
     teacher_ids: list = None
     teacher_target_start: int = 0
 
@@ -55,9 +62,14 @@ class Encoded:
 def encode(tokenizer, example, max_len, with_teacher=False):
     """Token ids of prompt + target (+ eos), truncated to max_len, and where the target starts."""
     target = tokenizer(example.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    prompt = prompt_ids(tokenizer, example.prompt)[-(max_len // 2):]
+    full = prompt_ids(tokenizer, example.prompt)
+    prompt = full[-(max_len // 2):]
     ids = (prompt + target)[:max_len]
     encoded = Encoded(ids, len(prompt))
+    if example.prompt:
+        before, after = template_edges(tokenizer)
+        cut = len(full) - len(prompt)
+        encoded.question = (max(0, before - cut), min(len(ids), max(0, len(full) - after - cut)))
     if with_teacher:
         teacher_prompt = prompt_ids(tokenizer, f"{example.context}\n\n{example.prompt}".strip())
         teacher_prompt = teacher_prompt[-(2 * max_len):]
@@ -88,6 +100,16 @@ def predicts_target(batch, ids):
     """(B, T) bool: positions whose output predicts a target token (position p predicts token p+1)."""
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[:, :-1] = target_labels(batch, ids)[:, 1:] != IGNORE
+    return mask
+
+
+def countable(batch, ids, question=False):
+    """(B, T) bool: the positions whose slot reads rank: those predicting a target token and, with
+    `question`, the tokens of each prompt's own text (the chat template's tokens never count)."""
+    mask = predicts_target(batch, ids)
+    if question:
+        for i, e in enumerate(batch):
+            mask[i, e.question[0]:e.question[1]] = True
     return mask
 
 
@@ -151,16 +173,16 @@ def _target_loss_at_targets(model, ids, mask, batch, predicting):
 
 
 @torch.no_grad()
-def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8):
-    """({layer: slot reads}, tokens counted) where `examples` predict their target tokens: the slots
-    a learn on them may write (see slots.with_learned)."""
+def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8, question=False):
+    """({layer: slot reads}, tokens counted) where `examples` predict their target tokens (and, with
+    `question`, at their prompts' own tokens): the slots a learn on them may write (slots.with_learned)."""
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, e, max_len) for e in examples]
     with SlotCounter(model) as counter:
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
-            counter.token_mask = predicts_target(batch, ids).flatten()
+            counter.token_mask = countable(batch, ids, question).flatten()
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     return counter.counts, min(counter.tokens.values(), default=0)
 
@@ -224,11 +246,11 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
             predicting = predicts_target(batch, ids)
             with SlotCounter(model) as counter:
-                # Only the slots read where a target token is predicted rank. Prompt positions (the
-                # chat template above all, read by every question) would otherwise top the ranking
-                # and their slots, shared with every other prompt, would be rewritten.
+                # Only the slots read where a target token is predicted (and, with rank_question, at
+                # the question's own tokens) rank. The chat template's positions, read by every
+                # question, would otherwise top the ranking and their shared slots be rewritten.
                 is_new = torch.arange(len(batch), device=device)[:, None] < new_rows
-                counter.token_mask = (predicting & is_new).flatten()
+                counter.token_mask = (countable(batch, ids, config.rank_question) & is_new).flatten()
                 if distill:
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(

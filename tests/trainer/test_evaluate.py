@@ -1,5 +1,7 @@
 """`engram eval`: scoring, BM25, data loading and the harness end to end on a tiny random Llama."""
+import argparse
 import json
+import shlex
 
 import pytest
 import torch
@@ -219,3 +221,12 @@ def test_lora_is_skipped_with_a_notice_when_peft_is_missing(tmp_path, model_dir,
     report = run_eval(tmp_path, model_dir, write_json(tmp_path / "facts.json", FACTS), "lora,base", "--budget-s", "1")
     assert report["methods"]["lora"] == {"skipped": "peft is not installed"}
     assert "skipping lora: peft is not installed" in capsys.readouterr().out
+
+
+def test_the_recorded_command_parses_back_to_the_same_options():
+    parser = evaluate.add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--data", "d.json", "--rank-question", "--no-calibrate", "--retention", "a", "b",
+                              "--top-t", "512"])
+    words = shlex.split(evaluate.command_line(args))
+    assert words[:2] == ["engram", "eval"] and "True" not in words
+    assert vars(parser.parse_args(words[2:])) == vars(args)

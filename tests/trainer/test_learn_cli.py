@@ -8,9 +8,8 @@ from safetensors.torch import load_file
 from engram_kernels.integrations import add_memory_layers, memory_layers
 from engram_kernels.trainer import cli
 from engram_kernels.trainer.dreaming import Example
-from engram_kernels.trainer.learn import LearnConfig, encode, pad_batch, predicts_target, train_memory
+from engram_kernels.trainer.learn import LearnConfig, countable, encode, pad_batch, predicts_target, train_memory
 from engram_kernels.trainer.slots import SlotCounter
-from engram_kernels.trainer.versions import MemoryStore
 
 SMALL_MEMORY = ["--n-keys", "16", "--heads", "2", "--k", "4", "--key-dim", "32", "--layers", "1"]
 FACTS = [{"question": "Who wrote Glass Harbors?", "answer": "Mira Dask"},
@@ -104,3 +103,40 @@ def test_replay_reads_do_not_rank_slots(tokenizer, tiny_model):
     changed = set((results[1] != start).any(1).nonzero().flatten().tolist())
     assert changed and changed <= allowed
     assert not torch.equal(results[0], results[1])
+
+
+def test_encode_marks_the_prompts_own_text(tokenizer):
+    question = "Who wrote Glass Harbors?"
+    encoded = encode(tokenizer, Example(question, "Mira Dask", "qa", "d", ""), 128)
+    start, end = encoded.question
+    assert tokenizer.decode(encoded.ids[start:end]).strip() == question
+    assert end <= encoded.target_start
+    long = encode(tokenizer, Example(question * 40, "Mira Dask", "qa", "d", ""), 128)  # prompt cut to 64
+    assert long.question[0] == 0 and long.question[1] <= long.target_start
+    assert encode(tokenizer, Example("", "Some text.", "raw", "d", ""), 128).question == (0, 0)
+
+
+def _reads(model, tokenizer, example, mask_of):
+    encoded = encode(tokenizer, example, 128)
+    ids, mask = pad_batch([encoded.ids], tokenizer.pad_token_id, "cpu")
+    with SlotCounter(model) as counter:
+        counter.token_mask = mask_of([encoded], ids).flatten()
+        model(input_ids=ids, attention_mask=mask)
+    (counts,) = counter.counts.values()
+    return set(counts.nonzero().flatten().tolist())
+
+
+@pytest.mark.parametrize("rank_question", [False, True])
+def test_rank_question_lets_slots_read_at_the_question_change(tokenizer, tiny_model, rank_question):
+    add_memory_layers(tiny_model, layers=[0], heads=2, k=4, n_keys=16, key_dim=32)  # layer 1 attends to it
+    memory = memory_layers(tiny_model)[0]
+    fact = Example("Who wrote Glass Harbors?", "Mira Dask", "qa", "d", "")
+    at_target = _reads(tiny_model, tokenizer, fact, predicts_target)
+    at_question = _reads(tiny_model, tokenizer, fact, lambda batch, ids: countable(batch, ids, question=True))
+    assert at_target < at_question
+    start = memory.values.detach().clone()
+    train_memory(tiny_model, tokenizer, [fact], {0: torch.zeros(memory.n_slots, dtype=torch.long)},
+                 LearnConfig(top_t=memory.n_slots, epochs=1, batch_size=1, lr=0.1, rank_question=rank_question))
+    changed = set((memory.values != start).any(1).nonzero().flatten().tolist())
+    assert changed <= (at_question if rank_question else at_target)
+    assert bool(changed - at_target) == rank_question
