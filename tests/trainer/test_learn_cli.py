@@ -48,7 +48,8 @@ def test_learns_facts_and_recalls_them_closed_book(tmp_path, model_dir):
 
 
 def test_base_weights_stay_bit_identical(tmp_path, model_dir):
-    learn(tmp_path / "home", model_dir, write_jsonl(tmp_path / "f.jsonl", FACTS), extra=["--epochs", "2"])
+    learn(tmp_path / "home", model_dir, write_jsonl(tmp_path / "f.jsonl", FACTS),
+          extra=["--epochs", "2", "--rank-question"])
     model, _, _ = open_memory(tmp_path / "home")
     saved = load_file(model_dir / "model.safetensors")
     for name, p in model.named_parameters():
