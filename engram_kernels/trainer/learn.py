@@ -103,13 +103,14 @@ def predicts_target(batch, ids):
     return mask
 
 
-def countable(batch, ids, question=False):
-    """(B, T) bool: the positions whose slot reads rank: those predicting a target token and, with
+def countable(batch, predicting, question=False):
+    """(B, T) bool: the positions whose slot reads rank: `predicting` (predicts_target) and, with
     `question`, the tokens of each prompt's own text (the chat template's tokens never count)."""
-    mask = predicts_target(batch, ids)
-    if question:
-        for i, e in enumerate(batch):
-            mask[i, e.question[0]:e.question[1]] = True
+    if not question:
+        return predicting
+    mask = predicting.clone()
+    for i, e in enumerate(batch):
+        mask[i, e.question[0]:e.question[1]] = True
     return mask
 
 
@@ -182,7 +183,7 @@ def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8, qu
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
-            counter.token_mask = countable(batch, ids, question).flatten()
+            counter.token_mask = countable(batch, predicts_target(batch, ids), question).flatten()
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     return counter.counts, min(counter.tokens.values(), default=0)
 
@@ -250,7 +251,7 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
                 # the question's own tokens) rank. The chat template's positions, read by every
                 # question, would otherwise top the ranking and their shared slots be rewritten.
                 is_new = torch.arange(len(batch), device=device)[:, None] < new_rows
-                counter.token_mask = (countable(batch, ids, config.rank_question) & is_new).flatten()
+                counter.token_mask = (countable(batch, predicting, config.rank_question) & is_new).flatten()
                 if distill:
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(

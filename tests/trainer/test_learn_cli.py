@@ -133,7 +133,8 @@ def test_rank_question_lets_slots_read_at_the_question_change(tokenizer, tiny_mo
     memory = memory_layers(tiny_model)[0]
     fact = Example("Who wrote Glass Harbors?", "Mira Dask", "qa", "d", "")
     at_target = _reads(tiny_model, tokenizer, fact, predicts_target)
-    at_question = _reads(tiny_model, tokenizer, fact, lambda batch, ids: countable(batch, ids, question=True))
+    at_question = _reads(tiny_model, tokenizer, fact,
+                         lambda batch, ids: countable(batch, predicts_target(batch, ids), question=True))
     assert at_target < at_question
     start = memory.values.detach().clone()
     train_memory(tiny_model, tokenizer, [fact], {0: torch.zeros(memory.n_slots, dtype=torch.long)},
