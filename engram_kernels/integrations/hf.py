@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..modules import ProductKeyMemory
+from ..modules import NgramMemory, ProductKeyMemory
 
 WEIGHTS_NAME = "memory.safetensors"
 CONFIG_NAME = "memory_config.json"
@@ -62,13 +62,20 @@ def _resolve_layers(layers, count):
     return layers
 
 
-def add_memory_layers(model, layers=None, **config):
-    """Add a ProductKeyMemory beside the MLP of each chosen decoder layer (default: the middle one).
+MEMORY_CLASSES = {"product_keys": ProductKeyMemory, "ngram": NgramMemory}
 
-    `config` goes to ProductKeyMemory (heads, k, n_keys, key_dim, value_dim, gated, value_init,
-    sparse_grad); dim defaults to the model's hidden size, dtype and device to the MLP's. With
-    the default zero-initialized values the model's outputs are unchanged. Returns the model.
+
+def add_memory_layers(model, layers=None, addressing="product_keys", **config):
+    """Add a memory beside the MLP of each chosen decoder layer (default: the middle one).
+
+    `addressing` "product_keys": a ProductKeyMemory, `config` its arguments (heads, k, n_keys,
+    key_dim, value_dim, gated, value_init, sparse_grad); "ngram": an NgramMemory (n_slots, orders,
+    heads, ...), and `model`'s forward is hooked to hand it the input_ids. dim defaults to the
+    model's hidden size, dtype and device to the MLP's. With the default zero-initialized values
+    the model's outputs are unchanged. Returns the model.
     """
+    if addressing not in MEMORY_CLASSES:
+        raise ValueError(f"addressing must be one of {sorted(MEMORY_CLASSES)}, got {addressing!r}")
     blocks = decoder_layers(model)
     config.setdefault("dim", hidden_size(model))
     for i in _resolve_layers(layers, len(blocks)):
@@ -76,13 +83,28 @@ def add_memory_layers(model, layers=None, **config):
         if isinstance(block.mlp, MLPWithMemory):
             raise ValueError(f"decoder layer {i} already has a memory layer")
         reference = next(block.mlp.parameters())
-        memory = ProductKeyMemory(**config, dtype=reference.dtype, device=reference.device)
+        memory = MEMORY_CLASSES[addressing](**config, dtype=reference.dtype, device=reference.device)
         block.mlp = MLPWithMemory(block.mlp, memory)
+    if addressing == "ngram" and not any(hook is _hand_tokens for hook in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_hand_tokens, with_kwargs=True)
     return model
 
 
+def _hand_tokens(model, args, kwargs):
+    """Forward pre-hook: give every NgramMemory of `model` the call's input_ids. A module-level
+    function, so a deep copy of the model keeps a working hook."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        raise ValueError("a model with n-gram memory must be called with input_ids, not inputs_embeds")
+    past = kwargs.get("past_key_values")
+    continues = past is not None and past.get_seq_length() > 0
+    for memory in memory_layers(model).values():
+        if isinstance(memory, NgramMemory):
+            memory.set_tokens(ids, continues)
+
+
 def memory_layers(model):
-    """{decoder layer index: ProductKeyMemory} for the memories in `model`."""
+    """{decoder layer index: ProductKeyMemory or NgramMemory} for the memories in `model`."""
     return {i: block.mlp.memory for i, block in enumerate(decoder_layers(model))
             if isinstance(block.mlp, MLPWithMemory)}
 
@@ -108,6 +130,9 @@ def calibrate_memory_queries(model, batches, shrinkage=0.1):
     layers = memory_layers(model)
     if not layers:
         raise ValueError("model has no memory layers: add_memory_layers(model, ...) first")
+    layers = {layer: memory for layer, memory in layers.items() if isinstance(memory, ProductKeyMemory)}
+    if not layers:  # n-gram memories have no queries
+        return model
     seen = {layer: [] for layer in layers}
     keep = {}
 
@@ -165,6 +190,7 @@ def load_memory(model, path):
             raise ValueError(f"layer {i}: saved memory config {layer_config} differs from the model's {memory.config()}")
         prefix = f"layers.{i}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        state.setdefault("query_center", torch.zeros_like(memory.query_center))  # saved before calibration existed
+        if isinstance(memory, ProductKeyMemory):
+            state.setdefault("query_center", torch.zeros_like(memory.query_center))  # saved before calibration existed
         memory.load_state_dict(state)
     return model

@@ -1,8 +1,10 @@
 """Drop-in torch modules over the kernels."""
 from .lora import LoRALinear, MultiLoRALinear
 from .memory import ProductKeyMemory
+from .ngram_memory import NgramMemory
 
-__all__ = ["ProductKeyMemory", "LoRALinear", "MultiLoRALinear", "QuantizedKVCache", "enable_packed_kv_attention"]
+__all__ = ["ProductKeyMemory", "NgramMemory", "LoRALinear", "MultiLoRALinear", "QuantizedKVCache",
+           "enable_packed_kv_attention"]
 
 
 def __getattr__(name):  # the KV cache needs transformers: imported on first use

@@ -97,16 +97,17 @@ def calibrate_addressing(model, tokenizer, examples, batch_size=16):
     calibrate_memory_queries(model, batches)
 
 
-def _fingerprint(model, examples, question=False):
-    """Hash of what decides the counts: base model id, memory configs, query/key weights, the text,
-    which positions count."""
+def _fingerprint(model, examples, write_at="answer"):
+    """Hash of what decides the counts: base model id, memory configs, addressing weights, the
+    text, which positions count."""
     digest = hashlib.sha256(str(getattr(model.config, "_name_or_path", "")).encode())
-    if question:
+    if write_at != "answer":
         digest.update(b"question")
     for layer, memory in sorted(memory_layers(model).items()):
         digest.update(f"{layer}:{json.dumps(memory.config(), sort_keys=True)}".encode())
-        for t in (memory.query.weight, memory.query_center, memory.query_norm.weight, memory.keys1, memory.keys2):
-            digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        for name, t in sorted(memory.state_dict().items()):
+            if name != "values":  # everything that decides which slots a token reads
+                digest.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     digest.update(json.dumps([[e.prompt, e.target] for e in examples]).encode())
     return digest.hexdigest()
 
@@ -138,19 +139,21 @@ def _save_counts(path, background, fingerprint):
     os.replace(tmp, path)
 
 
-def background_counts(model, tokenizer, examples, cache_path=None, question=False):
+def background_counts(model, tokenizer, examples, cache_path=None, write_at="answer"):
     """Slot reads on background `examples` ({layer: int64 counts}, a BackgroundCounts whose
     `.tokens` is the number of tokens counted), counted as a learn counts its batches: where a text
-    token is predicted and, with `question` (LearnConfig.rank_question), at the prompts' own tokens.
+    token is predicted and, unless `write_at` (LearnConfig.write_at) is "answer", at the prompts' own
+    tokens too: slots that ordinary text reads anywhere rank low however a learn counts its own.
     With `cache_path`, saved there as safetensors and reused while the memory lookup (model id,
-    memory configs, query and key weights), the text and `question` are the same."""
+    memory configs, addressing weights), the text and the positions counted are the same."""
     if not examples:
         raise ValueError("background_counts needs at least one background example")
-    fingerprint = _fingerprint(model, examples, question)
+    fingerprint = _fingerprint(model, examples, write_at)
     cached = _load_counts(cache_path, model, fingerprint)
     if cached is not None:
         return cached
-    counts, tokens = target_slot_counts(model, tokenizer, examples, MAX_LEN, question=question)
+    counts, tokens = target_slot_counts(model, tokenizer, examples, MAX_LEN,
+                                        write_at="answer" if write_at == "answer" else "both")
     background = BackgroundCounts(counts, tokens, len(examples))
     if cache_path:
         _save_counts(cache_path, background, fingerprint)

@@ -22,7 +22,8 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import MEMORY_LAYER, RANK_QUESTION_HELP, LearnConfig, train_memory
+from .learn import (ADDRESSING_CHOICES, ADDRESSING_HELP, MEMORY_LAYER, LearnConfig, add_write_at_arguments,
+                    memory_config, train_memory)
 from .models import load_model
 from .versions import MemoryStore
 
@@ -36,7 +37,7 @@ def _home(args):
 
 
 def _memory_config(args):
-    return dict(heads=args.heads, k=args.k, n_keys=args.n_keys, key_dim=args.key_dim)
+    return memory_config(args.addressing, heads=args.heads, k=args.k, n_keys=args.n_keys, key_dim=args.key_dim)
 
 
 def open_model(home, args, create=False):
@@ -109,14 +110,14 @@ def cmd_learn(args):
             return 0
         background = _background(home, model, tokenizer, args.seed)
         counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors",
-                                   question=args.rank_question)
+                                   write_at=args.write_at)
         examples = _examples(pending, model, tokenizer, args)
         kept, skipped = drop_known(examples, model, tokenizer, args.skip_known)
         print(f"dreamed {len(examples)} examples; {skipped} skipped as already known")
         before = {layer: m.values.detach().clone() for layer, m in memory_layers(model).items()}
         config = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              max_len=args.max_len, distill_weight=args.distill, replay_per_batch=args.replay,
-                             rank_question=args.rank_question, seed=args.seed)
+                             write_at=args.write_at, seed=args.seed)
         stats = train_memory(model, tokenizer, kept, counts, config, progress=_progress,
                              replay=background) if kept else None
         summary = {**(stats.as_dict() if stats else {}), "skipped_known": skipped}
@@ -185,6 +186,7 @@ def build_parser():
     learn.add_argument("--heads", type=int, default=MEMORY_LAYER["heads"])
     learn.add_argument("--k", type=int, default=MEMORY_LAYER["k"], help="slots read per head and token")
     learn.add_argument("--key-dim", type=int, default=MEMORY_LAYER["key_dim"])
+    learn.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     learn.add_argument("--no-calibrate", action="store_true",
                        help="new memory: keep the random query projection (default: whitened on background text)")
     defaults = LearnConfig()
@@ -195,7 +197,7 @@ def build_parser():
     learn.add_argument("--max-len", type=int, default=defaults.max_len)
     learn.add_argument("--replay", type=int, default=defaults.replay_per_batch,
                        help="background examples (the model's own text) mixed into every batch")
-    learn.add_argument("--rank-question", action="store_true", help=RANK_QUESTION_HELP)
+    add_write_at_arguments(learn)
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
     learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")

@@ -39,8 +39,8 @@ from ..integrations import memory_parameters
 from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
-from .learn import (MEMORY_LAYER, RANK_QUESTION_HELP, LearnConfig, encode, pad_batch, target_loss, target_slot_counts,
-                    train_memory)
+from .learn import (ADDRESSING_CHOICES, ADDRESSING_HELP, MEMORY_LAYER, LearnConfig, add_write_at_arguments, encode,
+                    memory_config, pad_batch, target_loss, target_slot_counts, train_memory)
 from .models import default_cache_dir, freeze
 from .slots import with_learned
 
@@ -346,15 +346,15 @@ def _bytes(parameters):
 
 
 def fresh_memory_model(base, tokenizer, memory_config, background, layers=None, seed=0, calibrate=True,
-                       counts_cache=None, question=False):
+                       counts_cache=None, write_at="answer"):
     """(copy of `base` with new memory layers, all frozen, addressing calibrated on the `background`
     examples unless `calibrate` is False; the slot counts of those examples, cached at `counts_cache`,
-    counted with `question` as LearnConfig.rank_question says)."""
+    counted for `write_at` as background_counts says)."""
     model = copy.deepcopy(base)
     torch.manual_seed(seed)  # the memory's keys and query projection
     add_calibrated_memory(model, tokenizer, background, layers, calibrate, **memory_config)
     freeze(model)
-    return model, background_counts(model, tokenizer, background, counts_cache, question)
+    return model, background_counts(model, tokenizer, background, counts_cache, write_at)
 
 
 def train_memory_method(model, counts, tokenizer, examples, config, budget_s=None, replay=None):
@@ -576,7 +576,7 @@ class Harness:
     def fresh_memory(self):
         o = self.options
         return fresh_memory_model(self.base, self.tokenizer, o.memory, self.background, o.layers, o.seed,
-                                  o.calibrate, self.counts_cache, o.learn.rank_question)
+                                  o.calibrate, self.counts_cache, o.learn.write_at)
 
     def train(self, method, budget_s):
         o = self.options
@@ -668,7 +668,7 @@ class Harness:
             stats = train_memory(model, self.tokenizer, examples, counts, o.learn, replay=self.background)
             if o.protect_learned:
                 learned = target_slot_counts(model, self.tokenizer, examples, o.learn.max_len,
-                                             question=o.learn.rank_question)
+                                             write_at=o.learn.write_at)
                 counts = with_learned(counts, learned, o.protect_learned)
             first = self.score_learned(trained, first_questions)[0]
             current = self.score_learned(trained, [q for q in self.data.questions if q.item in group])[0]
@@ -741,13 +741,14 @@ def add_eval_arguments(parser):
     parser.add_argument("--layers", help="comma-separated decoder layers for memory (default: middle)")
     for name, value in options.memory.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help="memory layer size")
+    parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     parser.add_argument("--top-t", type=int, default=defaults.top_t)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="memory learning rate")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="memory epochs (without --budget-s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-len", type=int, default=defaults.max_len)
     parser.add_argument("--distill", type=float, default=defaults.distill_weight)
-    parser.add_argument("--rank-question", action="store_true", help=RANK_QUESTION_HELP)
+    add_write_at_arguments(parser)
     parser.add_argument("--memory-replay", type=int, default=defaults.replay_per_batch,
                         help="background examples mixed into every memory batch (0: none)")
     parser.add_argument("--lora-lr", type=float, default=options.lora_lr)
@@ -781,8 +782,8 @@ def options_from_args(args):
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
     learn = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                         max_len=args.max_len, distill_weight=args.distill,
-                        replay_per_batch=args.memory_replay, rank_question=args.rank_question, seed=args.seed)
-    memory = {name: getattr(args, name) for name in EvalOptions().memory}
+                        replay_per_batch=args.memory_replay, write_at=args.write_at, seed=args.seed)
+    memory = memory_config(args.addressing, **{name: getattr(args, name) for name in EvalOptions().memory})
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     return EvalOptions(methods=methods, budget_s=args.budget_s, learn=learn, memory=memory, layers=layers,
                        chunk_tokens=args.chunk_tokens, max_new_tokens=args.max_new_tokens, lora_lr=args.lora_lr,

@@ -1,12 +1,12 @@
 """Sparse memory finetuning: write training examples into the memory layers of a frozen model.
 
-Per batch: count which memory slots the batch reads where it predicts target tokens (with
-`rank_question`, also at the question's own tokens, where a reworded question about the same subject
-may read the same slots), rank them by TF-IDF against background counts (slots.py, background.py),
-and let only the top-t slots of each layer change through the fused sparse Adam step. A fresh
-memory's addressing is calibrated on the same background text first
-(background.add_calibrated_memory), so that different content reads different slots.
-Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
+Per batch: count which memory slots the batch reads where it predicts target tokens (`write_at`
+"answer"), at the question's own tokens ("question": a reworded question about the same subject reads
+the same slots there when they are addressed by n-grams), or both; rank them by TF-IDF against
+background counts (slots.py, background.py), and let only the top-t slots of each layer change
+through the fused sparse Adam step. A fresh product-key memory's addressing is calibrated on the same
+background text first (background.add_calibrated_memory), so that different content reads different
+slots. Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
 only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
 plus optional context distillation: the base model with the source document in its prompt is the
 teacher (top-k log-probs cached once per example), the model with memory without it the student.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..integrations import memory_disabled, memory_layers
+from ..integrations.hf import MEMORY_CLASSES
 from ..optim import FusedSparseAdam
 from .dreaming import prompt_ids, template_edges
 from .slots import SlotCounter, tfidf_allow_masks
@@ -30,10 +31,29 @@ IGNORE = -100
 # weight and overlap less between facts; on tofu_dev it learned 0.9 where k = 32 learned 0.5 in the
 # same time, with no more forgetting (eval_results/README.md).
 MEMORY_LAYER = dict(heads=4, k=4, n_keys=256, key_dim=256)
+ADDRESSING_CHOICES = tuple(MEMORY_CLASSES)
+ADDRESSING_HELP = ("how tokens find memory slots: product_keys (by the hidden state) or ngram (by hashed 1-3-grams "
+                   "of the tokens: the same in every wording; n_keys**2 slots, --heads hash functions)")
 
 
-RANK_QUESTION_HELP = ("also let slots read at a question's own tokens change (default: only where answer tokens are "
-                      "predicted); reworded questions about the same subject then read written slots")
+def memory_config(addressing="product_keys", heads=4, k=4, n_keys=256, key_dim=256):
+    """add_memory_layers arguments from the command line's size options (k and key_dim do not
+    apply to an n-gram memory)."""
+    if addressing == "ngram":
+        return dict(addressing="ngram", n_slots=n_keys * n_keys, heads=heads)
+    return dict(addressing=addressing, heads=heads, k=k, n_keys=n_keys, key_dim=key_dim)
+
+
+WRITE_AT = ("answer", "question", "both")
+WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predicted (answer), at the question's own "
+                 "tokens (question: with --addressing ngram, reworded questions about the same subject read them too), "
+                 "or both")
+
+
+def add_write_at_arguments(parser):
+    parser.add_argument("--write-at", choices=WRITE_AT, default="answer", help=WRITE_AT_HELP)
+    parser.add_argument("--rank-question", dest="write_at", action="store_const", const="both",
+                        help="the same as --write-at both (kept for recorded commands)")
 
 
 @dataclasses.dataclass
@@ -46,7 +66,7 @@ class LearnConfig:
     distill_weight: float = 0.0  # weight of the context-distillation KL; 0 turns it off
     distill_top_k: int = 32      # teacher log-probs kept per target token
     replay_per_batch: int = 2    # background (replay) examples added to every batch, when replay is given
-    rank_question: bool = False  # also rank slots read at the question's own tokens (see train_memory)
+    write_at: str = "answer"     # which slot reads rank and may be written (WRITE_AT; see train_memory)
     seed: int = 0
 
 
@@ -103,12 +123,15 @@ def predicts_target(batch, ids):
     return mask
 
 
-def countable(batch, predicting, question=False):
-    """(B, T) bool: the positions whose slot reads rank: `predicting` (predicts_target) and, with
-    `question`, the tokens of each prompt's own text (the chat template's tokens never count)."""
-    if not question:
+def countable(batch, predicting, write_at="answer"):
+    """(B, T) bool: the positions whose slot reads rank: `predicting` (predicts_target) for
+    `write_at` "answer", the tokens of each prompt's own text for "question" (the chat template's
+    tokens never count), both for "both"."""
+    if write_at not in WRITE_AT:
+        raise ValueError(f"write_at must be one of {WRITE_AT}, got {write_at!r}")
+    if write_at == "answer":
         return predicting
-    mask = predicting.clone()
+    mask = predicting.clone() if write_at == "both" else torch.zeros_like(predicting)
     for i, e in enumerate(batch):
         mask[i, e.question[0]:e.question[1]] = True
     return mask
@@ -174,16 +197,16 @@ def _target_loss_at_targets(model, ids, mask, batch, predicting):
 
 
 @torch.no_grad()
-def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8, question=False):
-    """({layer: slot reads}, tokens counted) where `examples` predict their target tokens (and, with
-    `question`, at their prompts' own tokens): the slots a learn on them may write (slots.with_learned)."""
+def target_slot_counts(model, tokenizer, examples, max_len=128, batch_size=8, write_at="answer"):
+    """({layer: slot reads}, tokens counted) at the positions of `examples` that `write_at` says
+    (countable): the slots a learn on them may write (slots.with_learned)."""
     device = next(model.parameters()).device
     encoded = [encode(tokenizer, e, max_len) for e in examples]
     with SlotCounter(model) as counter:
         for first in range(0, len(encoded), batch_size):
             batch = encoded[first:first + batch_size]
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
-            counter.token_mask = countable(batch, predicts_target(batch, ids), question).flatten()
+            counter.token_mask = countable(batch, predicts_target(batch, ids), write_at).flatten()
             model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
     return counter.counts, min(counter.tokens.values(), default=0)
 
@@ -247,11 +270,11 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
             predicting = predicts_target(batch, ids)
             with SlotCounter(model) as counter:
-                # Only the slots read where a target token is predicted (and, with rank_question, at
-                # the question's own tokens) rank. The chat template's positions, read by every
+                # Only the slots read where config.write_at says (a target token is predicted, the
+                # question's own tokens) rank. The chat template's positions, read by every
                 # question, would otherwise top the ranking and their shared slots be rewritten.
                 is_new = torch.arange(len(batch), device=device)[:, None] < new_rows
-                counter.token_mask = (countable(batch, predicting, config.rank_question) & is_new).flatten()
+                counter.token_mask = (countable(batch, predicting, config.write_at) & is_new).flatten()
                 if distill:
                     logits = model(input_ids=ids, attention_mask=mask).logits
                     loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(

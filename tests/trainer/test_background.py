@@ -66,7 +66,7 @@ def test_counts_cover_every_predicted_token_and_are_cached(tiny_model, tokenizer
     with pytest.raises(AssertionError, match="recounted"):  # other text: the cache no longer applies
         background_counts(tiny_model, tokenizer, text[1:], cache_path=path)
     with pytest.raises(AssertionError, match="recounted"):  # prompt tokens counted too: neither
-        background_counts(tiny_model, tokenizer, text, cache_path=path, question=True)
+        background_counts(tiny_model, tokenizer, text, cache_path=path, write_at="both")
     with torch.no_grad():  # another memory lookup (new keys): neither
         next(iter(memory_layers(tiny_model).values())).keys1.add_(1.0)
     with pytest.raises(AssertionError, match="recounted"):
@@ -92,6 +92,8 @@ def test_question_counts_add_the_prompts_own_tokens(tiny_model, tokenizer, text)
     add_calibrated_memory(tiny_model, tokenizer, text, **MEMORY)
     prompted = [e for e in text if e.prompt]
     assert prompted, "background text always has prompted samples"
-    plain, with_question = (background_counts(tiny_model, tokenizer, prompted, question=q) for q in (False, True))
+    plain, with_question, question_only = (background_counts(tiny_model, tokenizer, prompted, write_at=w)
+                                           for w in ("answer", "both", "question"))
     assert with_question.tokens > plain.tokens
     assert all(bool((with_question[i] >= plain[i]).all()) for i in plain)
+    assert all(torch.equal(question_only[i], with_question[i]) for i in plain)

@@ -225,8 +225,8 @@ def test_lora_is_skipped_with_a_notice_when_peft_is_missing(tmp_path, model_dir,
 
 def test_the_recorded_command_parses_back_to_the_same_options():
     parser = evaluate.add_eval_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--data", "d.json", "--rank-question", "--no-calibrate", "--retention", "a", "b",
-                              "--top-t", "512"])
+    args = parser.parse_args(["--data", "d.json", "--write-at", "question", "--addressing", "ngram", "--no-calibrate",
+                              "--retention", "a", "b", "--top-t", "512"])
     words = shlex.split(evaluate.command_line(args))
     assert words[:2] == ["engram", "eval"] and "True" not in words
     assert vars(parser.parse_args(words[2:])) == vars(args)

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from engram_kernels.integrations import add_memory_layers, memory_layers
+from engram_kernels.modules import NgramMemory
 from engram_kernels.trainer import cli
 from engram_kernels.trainer.dreaming import Example
 from engram_kernels.trainer.learn import LearnConfig, countable, encode, pad_batch, predicts_target, train_memory
@@ -127,18 +128,35 @@ def _reads(model, tokenizer, example, mask_of):
     return set(counts.nonzero().flatten().tolist())
 
 
-@pytest.mark.parametrize("rank_question", [False, True])
-def test_rank_question_lets_slots_read_at_the_question_change(tokenizer, tiny_model, rank_question):
+@pytest.mark.parametrize("write_at", ["answer", "question", "both"])
+def test_write_at_says_which_slot_reads_may_change(tokenizer, tiny_model, write_at):
     add_memory_layers(tiny_model, layers=[0], heads=2, k=4, n_keys=16, key_dim=32)  # layer 1 attends to it
     memory = memory_layers(tiny_model)[0]
     fact = Example("Who wrote Glass Harbors?", "Mira Dask", "qa", "d", "")
     at_target = _reads(tiny_model, tokenizer, fact, predicts_target)
     at_question = _reads(tiny_model, tokenizer, fact,
-                         lambda batch, ids: countable(batch, predicts_target(batch, ids), question=True))
-    assert at_target < at_question
+                         lambda batch, ids: countable(batch, predicts_target(batch, ids), "question"))
+    both = _reads(tiny_model, tokenizer, fact, lambda batch, ids: countable(batch, predicts_target(batch, ids), "both"))
+    assert both == at_target | at_question and at_question - at_target
     start = memory.values.detach().clone()
     train_memory(tiny_model, tokenizer, [fact], {0: torch.zeros(memory.n_slots, dtype=torch.long)},
-                 LearnConfig(top_t=memory.n_slots, epochs=1, batch_size=1, lr=0.1, rank_question=rank_question))
+                 LearnConfig(top_t=memory.n_slots, epochs=1, batch_size=1, lr=0.1, write_at=write_at))
     changed = set((memory.values != start).any(1).nonzero().flatten().tolist())
-    assert changed <= (at_question if rank_question else at_target)
-    assert bool(changed - at_target) == rank_question
+    allowed = {"answer": at_target, "question": at_question, "both": both}[write_at]
+    assert changed and changed <= allowed
+    assert bool(changed - at_target) == (write_at != "answer")
+
+
+def test_an_unknown_write_at_is_rejected():
+    with pytest.raises(ValueError, match="write_at must be one of"):
+        countable([], torch.zeros(1, 1, dtype=torch.bool), "prompt")
+
+
+def test_an_ngram_memory_learns_facts_and_recalls_them(tmp_path, model_dir):
+    facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
+    learn(tmp_path / "home", model_dir, facts, extra=["--epochs", "40", "--lr", "0.05", "--top-t", "256",
+                                                      "--addressing", "ngram", "--write-at", "both"])
+    model, tokenizer, _ = open_memory(tmp_path / "home")
+    assert all(isinstance(m, NgramMemory) for m in memory_layers(model).values())
+    for fact in FACTS:
+        assert fact["answer"] in cli.answer(model, tokenizer, fact["question"], max_new_tokens=8)
