@@ -7,7 +7,30 @@ from torch import nn
 from ..ops.memory import pk_topk, weighted_gather
 
 
-class ProductKeyMemory(nn.Module):
+class SlotMemory(nn.Module):
+    """What every memory layer shares: a value table read at the slots `lookup(x)` picks, access
+    hooks, an optional silu gate and an output projection when value_dim != dim."""
+
+    def _add_value_table(self, n_slots, gated, factory):
+        self.access_hooks = []  # callables receiving the (N, reads) slot ids of every forward
+        self.values = nn.Parameter(torch.empty(n_slots, self.value_dim, **factory))
+        self.gate = nn.Linear(self.dim, self.value_dim, bias=False, **factory) if gated else None
+        self.out = nn.Linear(self.value_dim, self.dim, bias=False, **factory) if self.value_dim != self.dim else None
+
+    def forward(self, x):
+        ids, weights = self.lookup(x)
+        for hook in self.access_hooks:
+            hook(ids)
+        mem = weighted_gather(self.values, ids, weights, sparse_grad=self.sparse_grad, check_values=False)
+        mem = mem.to(x.dtype)
+        if self.gate is not None:
+            mem = mem * nn.functional.silu(self.gate(x.reshape(-1, self.dim)))
+        if self.out is not None:
+            mem = self.out(mem)
+        return mem.reshape(x.shape)
+
+
+class ProductKeyMemory(SlotMemory):
     """x (..., dim) -> (..., dim): each head picks `k` of `n_keys**2` value rows by product keys.
 
     Per head: query = RMSNorm(W_q x) (Dk wide), top-k slots over the product of two sub-key tables,
@@ -36,15 +59,12 @@ class ProductKeyMemory(nn.Module):
         self.dim, self.heads, self.k, self.n_keys, self.key_dim = dim, heads, k, n_keys, key_dim
         self.value_dim = value_dim or dim
         self.sparse_grad, self.value_init = sparse_grad, value_init
-        self.access_hooks = []  # callables receiving the (N, H*k) slot ids of every forward
         self.query = nn.Linear(dim, heads * key_dim, bias=False, **factory)
         self.query_norm = nn.RMSNorm(key_dim, **factory)
         self.register_buffer("query_center", torch.zeros(dim, **factory))  # see calibrate_queries
         self.keys1 = nn.Parameter(torch.empty(heads, n_keys, key_dim // 2, **factory))
         self.keys2 = nn.Parameter(torch.empty(heads, n_keys, key_dim // 2, **factory))
-        self.values = nn.Parameter(torch.empty(n_keys * n_keys, self.value_dim, **factory))
-        self.gate = nn.Linear(dim, self.value_dim, bias=False, **factory) if gated else None
-        self.out = nn.Linear(self.value_dim, dim, bias=False, **factory) if self.value_dim != dim else None
+        self._add_value_table(n_keys * n_keys, gated, factory)
         self.reset_parameters()
 
     @property
@@ -98,18 +118,6 @@ class ProductKeyMemory(nn.Module):
         q = self.query_norm(self.query(x).unflatten(-1, (self.heads, self.key_dim)))
         scores, ids = pk_topk(q, self.keys1, self.keys2, self.k, check_values=False)
         return ids.flatten(1), scores.softmax(-1).flatten(1)
-
-    def forward(self, x):
-        ids, weights = self.lookup(x)
-        for hook in self.access_hooks:
-            hook(ids)
-        mem = weighted_gather(self.values, ids, weights, sparse_grad=self.sparse_grad, check_values=False)
-        mem = mem.to(x.dtype)
-        if self.gate is not None:
-            mem = mem * nn.functional.silu(self.gate(x.reshape(-1, self.dim)))
-        if self.out is not None:
-            mem = self.out(mem)
-        return mem.reshape(x.shape)
 
     def extra_repr(self):
         return (f"dim={self.dim}, heads={self.heads}, k={self.k}, n_keys={self.n_keys} "

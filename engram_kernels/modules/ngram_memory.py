@@ -2,12 +2,12 @@
 import torch
 from torch import nn
 
-from ..ops.memory import weighted_gather
+from .memory import SlotMemory
 
 NO_TOKEN = -1  # stands in for the tokens before a sequence's first one
 
 
-class NgramMemory(nn.Module):
+class NgramMemory(SlotMemory):
     """x (..., dim) -> (..., dim): each token reads, for every n-gram order in `orders` ending at it
     and each of `heads` hash functions, one row of a shared value table (n_slots, value_dim), and
     averages them (optionally gated by silu(W_g x)).
@@ -39,13 +39,10 @@ class NgramMemory(nn.Module):
         self.dim, self.n_slots, self.orders, self.heads, self.seed = dim, n_slots, orders, heads, seed
         self.value_dim = value_dim or dim
         self.sparse_grad, self.value_init = sparse_grad, value_init
-        self.access_hooks = []  # callables receiving the (N, reads) slot ids of every forward
         generator = torch.Generator().manual_seed(seed)
         multipliers = torch.randint(1, 2 ** 31, (len(orders), heads), generator=generator) * 2 + 1
         self.register_buffer("multipliers", multipliers.to(device), persistent=False)
-        self.values = nn.Parameter(torch.empty(n_slots, self.value_dim, **factory))
-        self.gate = nn.Linear(dim, self.value_dim, bias=False, **factory) if gated else None
-        self.out = nn.Linear(self.value_dim, dim, bias=False, **factory) if self.value_dim != dim else None
+        self._add_value_table(n_slots, gated, factory)
         self.tokens = None   # (B, history + T) ids of the current forward, history first
         self.history = None  # (B, history) last ids of the previous forward
         self.reset_parameters()
@@ -101,18 +98,6 @@ class NgramMemory(nn.Module):
                                "input_ids (add_memory_layers(..., addressing='ngram') hooks its forward)")
         ids = self.slot_ids(tokens)
         return ids, torch.full(ids.shape, 1.0 / self.reads, dtype=self.values.dtype, device=x.device)
-
-    def forward(self, x):
-        ids, weights = self.lookup(x)
-        for hook in self.access_hooks:
-            hook(ids)
-        mem = weighted_gather(self.values, ids, weights, sparse_grad=self.sparse_grad, check_values=False)
-        mem = mem.to(x.dtype)
-        if self.gate is not None:
-            mem = mem * nn.functional.silu(self.gate(x.reshape(-1, self.dim)))
-        if self.out is not None:
-            mem = self.out(mem)
-        return mem.reshape(x.shape)
 
     def extra_repr(self):
         return (f"dim={self.dim}, n_slots={self.n_slots}, orders={self.orders}, heads={self.heads}, "

@@ -117,7 +117,8 @@ def cmd_learn(args):
         before = {layer: m.values.detach().clone() for layer, m in memory_layers(model).items()}
         config = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              max_len=args.max_len, distill_weight=args.distill, replay_per_batch=args.replay,
-                             write_at=args.write_at, seed=args.seed)
+                             write_at=args.write_at, max_background_share=args.max_background_share,
+                             seed=args.seed)
         stats = train_memory(model, tokenizer, kept, counts, config, progress=_progress,
                              replay=background) if kept else None
         summary = {**(stats.as_dict() if stats else {}), "skipped_known": skipped}

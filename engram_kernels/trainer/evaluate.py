@@ -782,7 +782,8 @@ def options_from_args(args):
         raise ValueError(f"--budget-s must be positive, got {args.budget_s}")
     learn = LearnConfig(top_t=args.top_t, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                         max_len=args.max_len, distill_weight=args.distill,
-                        replay_per_batch=args.memory_replay, write_at=args.write_at, seed=args.seed)
+                        replay_per_batch=args.memory_replay, write_at=args.write_at,
+                        max_background_share=args.max_background_share, seed=args.seed)
     memory = memory_config(args.addressing, **{name: getattr(args, name) for name in EvalOptions().memory})
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     return EvalOptions(methods=methods, budget_s=args.budget_s, learn=learn, memory=memory, layers=layers,

@@ -51,7 +51,11 @@ WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predi
 
 
 def add_write_at_arguments(parser):
+    """--write-at, its alias --rank-question, and --max-background-share (which slots may be written)."""
     parser.add_argument("--write-at", choices=WRITE_AT, default="answer", help=WRITE_AT_HELP)
+    parser.add_argument("--max-background-share", type=float, metavar="S",
+                        help="never write slots read by more than this share of background tokens "
+                             "(e.g. 0 with --addressing ngram: only n-grams ordinary text never uses)")
     parser.add_argument("--rank-question", dest="write_at", action="store_const", const="both",
                         help="the same as --write-at both (kept for recorded commands)")
 
@@ -67,6 +71,7 @@ class LearnConfig:
     distill_top_k: int = 32      # teacher log-probs kept per target token
     replay_per_batch: int = 2    # background (replay) examples added to every batch, when replay is given
     write_at: str = "answer"     # which slot reads rank and may be written (WRITE_AT; see train_memory)
+    max_background_share: float = None  # never write slots more background tokens read (slots.tfidf_allow_masks)
     seed: int = 0
 
 
@@ -281,7 +286,8 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
                         logits, batch, [teachers[i] for i in picked])
                 else:
                     loss = _target_loss_at_targets(model, ids, mask, batch, predicting)
-            masks = tfidf_allow_masks(counter.counts, background, config.top_t)
+            masks = tfidf_allow_masks(counter.counts, background, config.top_t,
+                                      max_background_share=config.max_background_share)
             for layer, memory in layers.items():
                 optimizer.set_allow_mask(memory.values, masks[layer].to(device))
             loss.backward()

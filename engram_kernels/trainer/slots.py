@@ -118,15 +118,27 @@ def tfidf_scores(batch_counts, background, background_tokens=None):
     return scores
 
 
-def tfidf_allow_masks(batch_counts, background, top_t, background_tokens=None):
+def tfidf_allow_masks(batch_counts, background, top_t, background_tokens=None, max_background_share=None):
     """{layer: bool mask (n_slots,)}: the min(top_t, slots read) slots with the highest TF-IDF among
-    the slots the batch read. Ties go to the lower slot index, so the choice is deterministic."""
+    the slots the batch read. Ties go to the lower slot index, so the choice is deterministic.
+
+    `max_background_share`: slots read by more than this share of the background tokens are never
+    chosen. TF-IDF alone lets a word the batch repeats ("the", "author") outrank a name it reads once;
+    an n-gram memory's slot for such a word is the same in all text, so writing it changes everything."""
     if isinstance(top_t, bool) or not isinstance(top_t, int) or top_t < 0:
         raise ValueError(f"top_t must be a non-negative int, got {top_t!r}")
+    if max_background_share is not None and not 0 <= max_background_share <= 1:
+        raise ValueError(f"max_background_share must be in [0, 1], got {max_background_share!r}")
+    if background_tokens is None:
+        background_tokens = getattr(background, "tokens", None)
     scores = tfidf_scores(batch_counts, background, background_tokens)
     masks = {}
     for layer, counts in batch_counts.items():
         read = counts > 0
+        if max_background_share is not None:
+            bg = background[layer].to(counts.device)
+            n = background_tokens if background_tokens is not None else int(bg.sum())
+            read &= bg <= max_background_share * n
         ranked = torch.where(read, scores[layer], torch.full_like(scores[layer], -math.inf))
         order = torch.sort(ranked, descending=True, stable=True).indices
         mask = torch.zeros_like(read)

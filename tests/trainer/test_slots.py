@@ -81,6 +81,8 @@ def test_slot_common_in_background_ranks_below_a_rare_one():
     assert scores[4] == 0 and scores[5] == 0  # not read by the batch
     assert tfidf_allow_masks(batch, background, 1)[0].tolist() == [False, True, False, False, False, False]
     assert tfidf_allow_masks(batch, background, 2)[0].tolist() == [False, True, True, False, False, False]
+    capped = tfidf_allow_masks(batch, background, 6, max_background_share=0.002)[0]
+    assert capped.tolist() == [False, True, False, True, False, False]  # slots 0 and 2: read by > 2 background tokens
 
 
 def test_idf_without_token_count_uses_total_reads():
@@ -113,6 +115,8 @@ def test_mask_input_errors():
         tfidf_allow_masks({5: torch.tensor([1, 0])}, background, 1)
     with pytest.raises(ValueError, match="shape"):
         tfidf_allow_masks({0: torch.tensor([1, 0, 0])}, background, 1)
+    with pytest.raises(ValueError, match="max_background_share"):
+        tfidf_allow_masks({0: torch.tensor([1, 0])}, background, 1, max_background_share=1.5)
 
 
 def test_with_learned_adds_weighted_reads_and_lowers_their_rank():
