@@ -22,8 +22,7 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import (ADDRESSING_CHOICES, ADDRESSING_HELP, MEMORY_LAYER, LearnConfig, add_write_at_arguments,
-                    memory_config, train_memory)
+from .learn import MEMORY_LAYER, LearnConfig, add_slot_arguments, memory_config, train_memory
 from .models import load_model
 from .versions import MemoryStore
 
@@ -187,7 +186,6 @@ def build_parser():
     learn.add_argument("--heads", type=int, default=MEMORY_LAYER["heads"])
     learn.add_argument("--k", type=int, default=MEMORY_LAYER["k"], help="slots read per head and token")
     learn.add_argument("--key-dim", type=int, default=MEMORY_LAYER["key_dim"])
-    learn.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     learn.add_argument("--no-calibrate", action="store_true",
                        help="new memory: keep the random query projection (default: whitened on background text)")
     defaults = LearnConfig()
@@ -198,7 +196,7 @@ def build_parser():
     learn.add_argument("--max-len", type=int, default=defaults.max_len)
     learn.add_argument("--replay", type=int, default=defaults.replay_per_batch,
                        help="background examples (the model's own text) mixed into every batch")
-    add_write_at_arguments(learn)
+    add_slot_arguments(learn)
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
     learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")

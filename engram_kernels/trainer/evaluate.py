@@ -39,8 +39,8 @@ from ..integrations import memory_parameters
 from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
-from .learn import (ADDRESSING_CHOICES, ADDRESSING_HELP, MEMORY_LAYER, LearnConfig, add_write_at_arguments, encode,
-                    memory_config, pad_batch, target_loss, target_slot_counts, train_memory)
+from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, encode, memory_config, pad_batch, target_loss,
+                    target_slot_counts, train_memory)
 from .models import default_cache_dir, freeze
 from .slots import with_learned
 
@@ -741,14 +741,13 @@ def add_eval_arguments(parser):
     parser.add_argument("--layers", help="comma-separated decoder layers for memory (default: middle)")
     for name, value in options.memory.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=value, help="memory layer size")
-    parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     parser.add_argument("--top-t", type=int, default=defaults.top_t)
     parser.add_argument("--lr", type=float, default=defaults.lr, help="memory learning rate")
     parser.add_argument("--epochs", type=int, default=defaults.epochs, help="memory epochs (without --budget-s)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--max-len", type=int, default=defaults.max_len)
     parser.add_argument("--distill", type=float, default=defaults.distill_weight)
-    add_write_at_arguments(parser)
+    add_slot_arguments(parser)
     parser.add_argument("--memory-replay", type=int, default=defaults.replay_per_batch,
                         help="background examples mixed into every memory batch (0: none)")
     parser.add_argument("--lora-lr", type=float, default=options.lora_lr)

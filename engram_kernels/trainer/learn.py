@@ -6,8 +6,8 @@ the same slots there when they are addressed by n-grams), or both; rank them by 
 background counts (slots.py, background.py), and let only the top-t slots of each layer change
 through the fused sparse Adam step. A fresh product-key memory's addressing is calibrated on the same
 background text first (background.add_calibrated_memory), so that different content reads different
-slots. Only value rows train; every other weight (base and memory query/keys) stays frozen, so backward runs
-only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
+slots. Only value rows train; every other weight (base and memory query/keys) stays frozen, so
+backward runs only through the layers above the memory. The loss is next-token cross-entropy on target tokens,
 plus optional context distillation: the base model with the source document in its prompt is the
 teacher (top-k log-probs cached once per example), the model with memory without it the student.
 """
@@ -50,8 +50,10 @@ WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predi
                  "or both")
 
 
-def add_write_at_arguments(parser):
-    """--write-at, its alias --rank-question, and --max-background-share (which slots may be written)."""
+def add_slot_arguments(parser):
+    """The options `engram learn` and `engram eval` share on how slots are found and which may be
+    written: --addressing, --write-at (and its alias --rank-question), --max-background-share."""
+    parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     parser.add_argument("--write-at", choices=WRITE_AT, default="answer", help=WRITE_AT_HELP)
     parser.add_argument("--max-background-share", type=float, metavar="S",
                         help="never write slots read by more than this share of background tokens "
