@@ -1,6 +1,7 @@
 """Background text: what the model writes on its own, and what a fresh memory learns from it.
 
-One sample of the model's own text serves three ends:
+One sample of the model's own text (free writing, and questions it asks and answers itself) serves
+three ends:
   * calibrating a fresh memory's addressing (queries centered and whitened on its activations, so
     different content reads different slots: ProductKeyMemory.calibrate_queries);
   * background slot counts, against which TF-IDF ranks a batch's slots (slots.py);
@@ -40,6 +41,12 @@ BACKGROUND_PROMPTS = (
     "Tell me about a famous landmark and where it is.",
     "Answer briefly: what is the largest planet, ocean or desert you know of?",
 )
+# How questions start, whatever they are about. The model continues QUESTION_FRAME + a start into a
+# question and then answers it: questions are what a learn's questions share with every other one
+# ("Which", "Who was", "?", the chat template around them), so those slots must count as background.
+QUESTION_FRAME = "Quiz question: "
+QUESTION_STARTS = ("Who", "Who was", "What", "What is", "Which", "Where", "When", "How many", "How", "In which",
+                   "In what year", "Why", "Name the")
 PROMPTS_KEY = hashlib.sha256("\n".join(BACKGROUND_PROMPTS).encode()).hexdigest()[:12]
 MAX_LEN = 128  # tokens of prompt + text per example, as training encodes them
 
@@ -48,35 +55,70 @@ def _as_examples(records):
     return [Example(r["prompt"], r["target"], "raw", "background", "") for r in records]
 
 
+def _sample(model, tokenizer, prompts, max_new_tokens):
+    """Nucleus-sampled continuations (decoded, stripped) of token id lists, left-padded in one batch."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, device=device)
+        mask[row, width - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
+
+
+def _free_text(model, tokenizer, n_sequences, seq_len):
+    records = []
+    for index, prompt in enumerate(BACKGROUND_PROMPTS):
+        count = n_sequences // len(BACKGROUND_PROMPTS) + (index < n_sequences % len(BACKGROUND_PROMPTS))
+        if count:
+            texts = _sample(model, tokenizer, [prompt_ids(tokenizer, prompt)] * count, seq_len)
+            records += [{"prompt": prompt, "target": text} for text in texts if text]
+    return records
+
+
+def question_of(start, continuation):
+    """The question `start` + `continuation` begins with, up to its first "?"; None without one."""
+    text = start + (continuation if continuation[:1] in "',;:?" else f" {continuation}")
+    return text[:text.index("?") + 1] if "?" in text else None
+
+
+def _questions(model, tokenizer, n_questions, seq_len):
+    """Up to n_questions questions the model writes from QUESTION_STARTS, each with its own answer."""
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    starts = [QUESTION_STARTS[i % len(QUESTION_STARTS)] for i in range(n_questions)]
+    frames = [start + tokenizer(QUESTION_FRAME + s, add_special_tokens=False).input_ids for s in starts]
+    questions = [q for q in map(question_of, starts, _sample(model, tokenizer, frames, 32)) if q]
+    if not questions:
+        return []
+    answers = _sample(model, tokenizer, [prompt_ids(tokenizer, q) for q in questions], seq_len)
+    return [{"prompt": q, "target": a} for q, a in zip(questions, answers) if a]
+
+
 @torch.no_grad()
-def sample_background(model, tokenizer, n_sequences=32, seq_len=64, seed=0, cache_path=None):
+def sample_background(model, tokenizer, n_sequences=32, seq_len=64, seed=0, cache_path=None, n_questions=0):
     """`n_sequences` texts of up to `seq_len` tokens the model writes from BOS and from
-    BACKGROUND_PROMPTS (nucleus sampling, seeded without touching the caller's RNG), as "raw"
-    examples (prompt, text). Cached as JSON at `cache_path`, which should name the settings."""
-    if n_sequences < 1 or seq_len < 1:
-        raise ValueError(f"n_sequences and seq_len must be positive, got {n_sequences} and {seq_len}")
+    BACKGROUND_PROMPTS, and up to `n_questions` questions it writes (QUESTION_STARTS; those without a
+    question mark are dropped) with its answers of up to `seq_len` tokens, all as "raw" examples
+    (prompt, text). Nucleus sampling, seeded without touching the caller's RNG. Cached as JSON at
+    `cache_path`, which should name the settings."""
+    if n_sequences < 1 or seq_len < 1 or n_questions < 0:
+        raise ValueError(f"n_sequences and seq_len must be positive and n_questions not negative, got "
+                         f"{n_sequences}, {seq_len} and {n_questions}")
     if cache_path and Path(cache_path).is_file():
         return _as_examples(json.loads(Path(cache_path).read_text()))
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    records = []
     was_training = model.training
     model.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            for index, prompt in enumerate(BACKGROUND_PROMPTS):
-                count = n_sequences // len(BACKGROUND_PROMPTS) + (index < n_sequences % len(BACKGROUND_PROMPTS))
-                if not count:
-                    continue
-                ids = torch.tensor([prompt_ids(tokenizer, prompt)], device=device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                     temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=seq_len,
-                                     num_return_sequences=count, pad_token_id=pad_id)
-                for row in out[:, ids.shape[1]:]:
-                    text = tokenizer.decode(row, skip_special_tokens=True).strip()
-                    if text:
-                        records.append({"prompt": prompt, "target": text})
+            records = _free_text(model, tokenizer, n_sequences, seq_len)
+            if n_questions:
+                records += _questions(model, tokenizer, n_questions, seq_len)
     finally:
         model.train(was_training)
     if cache_path:

@@ -52,7 +52,7 @@ def open_model(home, args, create=False):
     elif create:
         model, tokenizer = load_model(args.model)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        background = _background(home, model, tokenizer, args.seed)
+        background = _background(home, model, tokenizer, args)
         torch.manual_seed(args.seed)  # the memory's keys and query projection are part of its identity
         add_calibrated_memory(model, tokenizer, background, layers, not args.no_calibrate, **_memory_config(args))
         store.save_base(model, args.model or "")
@@ -62,8 +62,10 @@ def open_model(home, args, create=False):
     return model, tokenizer, store
 
 
-def _background(home, model, tokenizer, seed):
-    return sample_background(model, tokenizer, seed=seed, cache_path=home / "background.json")
+def _background(home, model, tokenizer, args):
+    questions = args.background_questions
+    name = f"background-q{questions}.json" if questions else "background.json"
+    return sample_background(model, tokenizer, seed=args.seed, cache_path=home / name, n_questions=questions)
 
 
 def sync_journal(journal, store):
@@ -107,7 +109,7 @@ def cmd_learn(args):
         if not pending:
             print("nothing new to learn")
             return 0
-        background = _background(home, model, tokenizer, args.seed)
+        background = _background(home, model, tokenizer, args)
         counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors",
                                    write_at=args.write_at)
         examples = _examples(pending, model, tokenizer, args)

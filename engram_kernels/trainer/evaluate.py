@@ -488,6 +488,7 @@ class EvalOptions:
     protect_learned: float = 0.0     # sequential: weight of earlier learns' slot reads in the background
     background_sequences: int = 32   # background text sampled from the base model (addressing, slot counts, replay)
     background_len: int = 64
+    background_questions: int = 0    # questions the base model writes and answers, added to that text
     calibrate: bool = True           # center and whiten the memory's queries on the background text
     seed: int = 0
     cache_dir: str = None            # background counts / replay text (None: default_cache_dir()/eval)
@@ -509,6 +510,7 @@ class Harness:
         key = hashlib.sha256(str(getattr(base.config, "_name_or_path", "")).encode()).hexdigest()[:12]
         self.counts_cache = cache / f"background-counts-{key}.safetensors"
         self.text_cache = (cache / f"background-text-{key}-{options.background_sequences}x{options.background_len}"
+                                  f"{f'-q{options.background_questions}' if options.background_questions else ''}"
                                   f"-seed{options.seed}-{PROMPTS_KEY}.json")
         self.retention_before = None
 
@@ -571,7 +573,7 @@ class Harness:
         """Text sampled once from the base model (cached on disk): calibration, slot counts and replay."""
         o = self.options
         return sample_background(self.base, self.tokenizer, o.background_sequences, o.background_len, o.seed,
-                                 self.text_cache)
+                                 self.text_cache, o.background_questions)
 
     def fresh_memory(self):
         o = self.options
@@ -790,7 +792,8 @@ def options_from_args(args):
                        lora_impl=getattr(args, "lora_impl", "peft"),
                        full_lr=args.full_lr, sequential=args.sequential, protect_learned=args.protect_learned,
                        background_sequences=args.background_sequences,
-                       background_len=args.background_len, calibrate=not args.no_calibrate, seed=args.seed)
+                       background_len=args.background_len, background_questions=args.background_questions,
+                       calibrate=not args.no_calibrate, seed=args.seed)
 
 
 def command_line(args):

@@ -52,12 +52,16 @@ WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predi
 
 def add_slot_arguments(parser):
     """The options `engram learn` and `engram eval` share on how slots are found and which may be
-    written: --addressing, --write-at (and its alias --rank-question), --max-background-share."""
+    written: --addressing, --write-at (and its alias --rank-question), --max-background-share,
+    --background-questions."""
     parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     parser.add_argument("--write-at", choices=WRITE_AT, default="answer", help=WRITE_AT_HELP)
     parser.add_argument("--max-background-share", type=float, metavar="S",
                         help="never write slots read by more than this share of background tokens "
                              "(e.g. 0 with --addressing ngram: only n-grams ordinary text never uses)")
+    parser.add_argument("--background-questions", type=int, default=0, metavar="N",
+                        help="N questions the model writes and answers itself, added to the background text, so "
+                             "the words every question shares (\"Which\", \"Who was\", \"?\") rank as common")
     parser.add_argument("--rank-question", dest="write_at", action="store_const", const="both",
                         help="the same as --write-at both (kept for recorded commands)")
 

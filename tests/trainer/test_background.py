@@ -5,7 +5,8 @@ from safetensors import safe_open
 
 from engram_kernels.integrations import memory_layers
 from engram_kernels.trainer import background as bg
-from engram_kernels.trainer.background import add_calibrated_memory, background_counts, sample_background
+from engram_kernels.trainer.background import (QUESTION_STARTS, add_calibrated_memory, background_counts, question_of,
+                                               sample_background)
 
 HEADS, K, N_KEYS = 2, 4, 16
 MEMORY = dict(heads=HEADS, k=K, n_keys=N_KEYS, key_dim=32)
@@ -28,6 +29,27 @@ def test_sampling_is_seeded_leaves_the_callers_rng_and_caches(tiny_model, tokeni
     assert sample_background(tiny_model, tokenizer, n_sequences=6, seq_len=12, seed=3, cache_path=path) == cached
     with pytest.raises(ValueError, match="positive"):
         sample_background(tiny_model, tokenizer, n_sequences=0)
+
+
+def test_question_background_adds_question_records(tiny_model, tokenizer):
+    text = sample_background(tiny_model, tokenizer, n_sequences=3, seq_len=8, seed=1)
+    both = sample_background(tiny_model, tokenizer, n_sequences=3, seq_len=8, seed=1, n_questions=40)
+    assert both[:len(text)] == text  # the free text is drawn first, as without questions
+    for e in both[len(text):]:  # a random tiny model writes "?" rarely: few or none survive
+        assert e.prompt.endswith("?") and e.prompt.startswith(QUESTION_STARTS) and e.target
+    assert len(both) <= len(text) + 40
+    with pytest.raises(ValueError, match="not negative"):
+        sample_background(tiny_model, tokenizer, n_questions=-1)
+
+
+@pytest.mark.parametrize("start, continuation, question", [
+    ("Who", "wrote Hamlet? It was", "Who wrote Hamlet?"),
+    ("What", "'s the time? Now.", "What's the time?"),
+    ("Why", "? Because", "Why?"),
+    ("Which", "river is longest.", None),
+])
+def test_question_of_cuts_at_the_first_question_mark(start, continuation, question):
+    assert question_of(start, continuation) == question
 
 
 def test_calibrated_memory_is_centered_and_still_a_no_op(tiny_model, tokenizer, text):

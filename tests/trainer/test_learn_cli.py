@@ -155,7 +155,9 @@ def test_an_unknown_write_at_is_rejected():
 def test_an_ngram_memory_learns_facts_and_recalls_them(tmp_path, model_dir):
     facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     learn(tmp_path / "home", model_dir, facts, extra=["--epochs", "40", "--lr", "0.05", "--top-t", "256",
-                                                      "--addressing", "ngram", "--write-at", "both"])
+                                                      "--addressing", "ngram", "--write-at", "both",
+                                                      "--background-questions", "4"])
+    assert (tmp_path / "home" / "background-q4.json").is_file()
     model, tokenizer, _ = open_memory(tmp_path / "home")
     assert all(isinstance(m, NgramMemory) for m in memory_layers(model).values())
     for fact in FACTS:
