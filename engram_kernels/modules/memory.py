@@ -46,6 +46,8 @@ class ProductKeyMemory(SlotMemory):
     input on sample activations so that tokens spread over the slots (see its docstring).
     """
 
+    addressing = "product_keys"
+
     def __init__(self, dim, heads=4, k=32, n_keys=256, key_dim=256, value_dim=None, gated=True,
                  value_init="zeros", sparse_grad=True, dtype=None, device=None):
         super().__init__()

@@ -57,17 +57,11 @@ def _as_examples(records):
 
 def _sample(model, tokenizer, prompts, max_new_tokens):
     """Nucleus-sampled continuations (decoded, stripped) of token id lists, left-padded in one batch."""
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p, device=device)
-        mask[row, width - len(p):] = 1
+    ids, mask = pad_batch(prompts, pad_id, next(model.parameters()).device, left=True)
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
                          max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, width:]]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, ids.shape[1]:]]
 
 
 def _free_text(model, tokenizer, n_sequences, seq_len):

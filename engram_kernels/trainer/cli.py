@@ -22,7 +22,7 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import MEMORY_LAYER, LearnConfig, add_slot_arguments, memory_config, train_memory
+from .learn import MEMORY_LAYER, LearnConfig, add_slot_arguments, memory_config, resolve_slot_arguments, train_memory
 from .models import load_model
 from .versions import MemoryStore
 
@@ -49,7 +49,10 @@ def open_model(home, args, create=False):
                              f"use another --home")
         model, tokenizer = load_model(name)
         store.load_into(model)
+        if create:  # a learn: the slot options follow the stored memory's addressing
+            resolve_slot_arguments(args, next(iter(memory_layers(model).values())).addressing)
     elif create:
+        resolve_slot_arguments(args, args.addressing)
         model, tokenizer = load_model(args.model)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
         background = _background(home, model, tokenizer, args)

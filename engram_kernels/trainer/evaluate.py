@@ -39,8 +39,8 @@ from ..integrations import memory_parameters
 from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
-from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, encode, memory_config, pad_batch, target_loss,
-                    target_slot_counts, train_memory)
+from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, encode, memory_config, pad_batch,
+                    resolve_slot_arguments, target_loss, target_slot_counts, train_memory)
 from .models import default_cache_dir, freeze
 from .slots import with_learned
 
@@ -298,12 +298,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16):
     model.eval()
     for first in range(0, len(order), batch_size):
         picked = order[first:first + batch_size]
-        width = max(len(encoded[i]) for i in picked)
-        ids = torch.full((len(picked), width), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(picked):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], device=device)
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = pad_batch([encoded[i] for i in picked], pad_id, device, left=True)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=pad_id, eos_token_id=eos_ids)
         for row, i in enumerate(picked):
@@ -770,6 +766,9 @@ def add_eval_arguments(parser):
 
 
 def options_from_args(args):
+    """EvalOptions from parsed `engram eval` arguments (slot options left out are set on `args` to
+    their defaults for --addressing, so the recorded command shows them)."""
+    resolve_slot_arguments(args, args.addressing)
     if args.methods is None:
         methods = () if args.sequential else METHODS
     else:

@@ -50,20 +50,38 @@ WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predi
                  "or both")
 
 
+# What a learn may write, by addressing, where --write-at, --background-questions and
+# --max-background-share are not given. An n-gram's rows are read wherever the n-gram occurs, so an
+# n-gram memory writes only at the question's tokens, counts the model's own questions as background,
+# and never writes a slot background text reads: without that, SQuAD retention fell from 0.364 to
+# 0.171; with it, 0.359 (eval_results/README.md, eighth session).
+SLOT_DEFAULTS = {"product_keys": dict(write_at="answer", background_questions=0, max_background_share=None),
+                 "ngram": dict(write_at="question", background_questions=64, max_background_share=0.0)}
+
+
 def add_slot_arguments(parser):
     """The options `engram learn` and `engram eval` share on how slots are found and which may be
     written: --addressing, --write-at (and its alias --rank-question), --max-background-share,
-    --background-questions."""
+    --background-questions. The last three default to SLOT_DEFAULTS (resolve_slot_arguments)."""
     parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
-    parser.add_argument("--write-at", choices=WRITE_AT, default="answer", help=WRITE_AT_HELP)
+    parser.add_argument("--write-at", choices=WRITE_AT, help=WRITE_AT_HELP + " (default: answer; ngram: question)")
     parser.add_argument("--max-background-share", type=float, metavar="S",
-                        help="never write slots read by more than this share of background tokens "
-                             "(e.g. 0 with --addressing ngram: only n-grams ordinary text never uses)")
-    parser.add_argument("--background-questions", type=int, default=0, metavar="N",
+                        help="never write slots read by more than this share of background tokens (default: no "
+                             "limit; ngram: 0, only n-grams the background text never uses; 1 lifts it)")
+    parser.add_argument("--background-questions", type=int, metavar="N",
                         help="N questions the model writes and answers itself, added to the background text, so "
-                             "the words every question shares (\"Which\", \"Who was\", \"?\") rank as common")
+                             "the words every question shares (\"Which\", \"Who was\", \"?\") rank as common "
+                             "(default: 0; ngram: 64)")
     parser.add_argument("--rank-question", dest="write_at", action="store_const", const="both",
                         help="the same as --write-at both (kept for recorded commands)")
+
+
+def resolve_slot_arguments(args, addressing):
+    """Set the slot options left out on the command line (None) to SLOT_DEFAULTS[addressing]."""
+    for name, value in SLOT_DEFAULTS[addressing].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 @dataclasses.dataclass
@@ -108,14 +126,16 @@ def encode(tokenizer, example, max_len, with_teacher=False):
     return encoded
 
 
-def pad_batch(sequences, pad_id, device):
-    """Right-padded (ids, attention mask) for a list of token id lists."""
+def pad_batch(sequences, pad_id, device, left=False):
+    """Right-padded (left-padded, for generation, with `left`) (ids, attention mask) for a list of
+    token id lists."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
-        ids[i, :len(s)] = torch.tensor(s, device=device)
-        mask[i, :len(s)] = 1
+        at = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, at] = torch.tensor(s, dtype=torch.long, device=device)
+        mask[i, at] = 1
     return ids, mask
 
 

@@ -230,3 +230,17 @@ def test_the_recorded_command_parses_back_to_the_same_options():
     words = shlex.split(evaluate.command_line(args))
     assert words[:2] == ["engram", "eval"] and "True" not in words
     assert vars(parser.parse_args(words[2:])) == vars(args)
+
+
+@pytest.mark.parametrize("given, expected", [
+    (["--addressing", "ngram"], ("question", 64, 0.0)),
+    ([], ("answer", 0, None)),
+    (["--addressing", "ngram", "--write-at", "both", "--background-questions", "0", "--max-background-share", "1"],
+     ("both", 0, 1.0)),
+])
+def test_slot_options_left_out_follow_the_addressing(given, expected):
+    parser = evaluate.add_eval_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--data", "d.json", *given])
+    options = evaluate.options_from_args(args)
+    assert (options.learn.write_at, options.background_questions, options.learn.max_background_share) == expected
+    assert vars(parser.parse_args(shlex.split(evaluate.command_line(args))[2:])) == vars(args)

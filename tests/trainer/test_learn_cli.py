@@ -156,9 +156,13 @@ def test_an_ngram_memory_learns_facts_and_recalls_them(tmp_path, model_dir):
     facts = write_jsonl(tmp_path / "facts.jsonl", FACTS)
     learn(tmp_path / "home", model_dir, facts, extra=["--epochs", "40", "--lr", "0.05", "--top-t", "256",
                                                       "--addressing", "ngram", "--write-at", "both",
-                                                      "--background-questions", "4"])
+                                                      "--background-questions", "4", "--max-background-share", "1"])
     assert (tmp_path / "home" / "background-q4.json").is_file()
     model, tokenizer, _ = open_memory(tmp_path / "home")
     assert all(isinstance(m, NgramMemory) for m in memory_layers(model).values())
     for fact in FACTS:
         assert fact["answer"] in cli.answer(model, tokenizer, fact["question"], max_new_tokens=8)
+    # a later learn that leaves the slot options out gets the n-gram defaults, as the stored memory is one
+    args = cli.build_parser().parse_args(["learn", str(facts), "--home", str(tmp_path / "home")])
+    cli.open_model(tmp_path / "home", args, create=True)
+    assert (args.write_at, args.background_questions, args.max_background_share) == ("question", 64, 0.0)
