@@ -11,6 +11,7 @@ backward runs only through the layers above the memory. The loss is next-token c
 plus optional context distillation: the base model with the source document in its prompt is the
 teacher (top-k log-probs cached once per example), the model with memory without it the student.
 """
+import argparse
 import dataclasses
 import random
 import time
@@ -59,6 +60,13 @@ SLOT_DEFAULTS = {"product_keys": dict(write_at="answer", background_questions=0,
                  "ngram": dict(write_at="question", background_questions=64, max_background_share=0.0)}
 
 
+def _non_negative(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_slot_arguments(parser):
     """The options `engram learn` and `engram eval` share on how slots are found and which may be
     written: --addressing, --write-at (and its alias --rank-question), --max-background-share,
@@ -68,7 +76,7 @@ def add_slot_arguments(parser):
     parser.add_argument("--max-background-share", type=float, metavar="S",
                         help="never write slots read by more than this share of background tokens (default: no "
                              "limit; ngram: 0, only n-grams the background text never uses; 1 lifts it)")
-    parser.add_argument("--background-questions", type=int, metavar="N",
+    parser.add_argument("--background-questions", type=_non_negative, metavar="N",
                         help="N questions the model writes and answers itself, added to the background text, so "
                              "the words every question shares (\"Which\", \"Who was\", \"?\") rank as common "
                              "(default: 0; ngram: 64)")

@@ -244,3 +244,10 @@ def test_slot_options_left_out_follow_the_addressing(given, expected):
     options = evaluate.options_from_args(args)
     assert (options.learn.write_at, options.background_questions, options.learn.max_background_share) == expected
     assert vars(parser.parse_args(shlex.split(evaluate.command_line(args))[2:])) == vars(args)
+
+
+def test_a_negative_number_of_background_questions_is_a_usage_error(capsys):
+    parser = evaluate.add_eval_arguments(argparse.ArgumentParser())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--data", "d.json", "--background-questions", "-1"])
+    assert "must be 0 or more" in capsys.readouterr().err
