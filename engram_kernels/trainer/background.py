@@ -47,7 +47,9 @@ BACKGROUND_PROMPTS = (
 QUESTION_FRAME = "Quiz question: "
 QUESTION_STARTS = ("Who", "Who was", "What", "What is", "Which", "Where", "When", "How many", "How", "In which",
                    "In what year", "Why", "Name the")
+# Name eval's caches of sampled text, so that a changed prompt or question start samples anew.
 PROMPTS_KEY = hashlib.sha256("\n".join(BACKGROUND_PROMPTS).encode()).hexdigest()[:12]
+QUESTIONS_KEY = hashlib.sha256("\n".join((QUESTION_FRAME, *QUESTION_STARTS)).encode()).hexdigest()[:8]
 MAX_LEN = 128  # tokens of prompt + text per example, as training encodes them
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..integrations import memory_parameters
-from .background import PROMPTS_KEY, add_calibrated_memory, background_counts, sample_background
+from .background import PROMPTS_KEY, QUESTIONS_KEY, add_calibrated_memory, background_counts, sample_background
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
 from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, encode, memory_config, pad_batch,
@@ -505,9 +505,9 @@ class Harness:
         cache = Path(options.cache_dir) if options.cache_dir else default_cache_dir() / "eval"
         key = hashlib.sha256(str(getattr(base.config, "_name_or_path", "")).encode()).hexdigest()[:12]
         self.counts_cache = cache / f"background-counts-{key}.safetensors"
+        questions = f"-q{options.background_questions}-{QUESTIONS_KEY}" if options.background_questions else ""
         self.text_cache = (cache / f"background-text-{key}-{options.background_sequences}x{options.background_len}"
-                                  f"{f'-q{options.background_questions}' if options.background_questions else ''}"
-                                  f"-seed{options.seed}-{PROMPTS_KEY}.json")
+                                  f"{questions}-seed{options.seed}-{PROMPTS_KEY}.json")
         self.retention_before = None
 
     def training_examples(self, documents):
