@@ -5,8 +5,9 @@
     engram memory list | rollback VERSION        versions written by each learn
 
 State lives in --home (default $ENGRAM_HOME or ./.engram): journal.sqlite (what was ingested),
-memory/ (base memory + versions), background.json (text the model wrote itself: memory addressing,
-slot usage, replay) and background.safetensors (its slot counts).
+memory/ (base memory + versions, each with the slots its examples read: --protect-learned),
+background.json (text the model wrote itself: memory addressing, slot usage, replay) and
+background.safetensors (its slot counts).
 """
 import argparse
 import os
@@ -22,8 +23,10 @@ from .dreaming import drop_known, external_examples, fallback_examples, format_p
 from .evaluate import generate_answers
 from .ingest import IngestError, chunk_documents, read_sources
 from .journal import Journal
-from .learn import MEMORY_LAYER, LearnConfig, add_slot_arguments, memory_config, resolve_slot_arguments, train_memory
+from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, memory_config, resolve_slot_arguments,
+                    target_slot_counts, train_memory)
 from .models import load_model
+from .slots import with_learned
 from .versions import MemoryStore
 
 DEFAULT_HOME = ".engram"
@@ -115,6 +118,11 @@ def cmd_learn(args):
         background = _background(home, model, tokenizer, args)
         counts = background_counts(model, tokenizer, background, cache_path=home / "background.safetensors",
                                    write_at=args.write_at)
+        learned = store.learned_reads(model) if args.protect_learned else None
+        if learned:
+            counts = with_learned(counts, learned, args.protect_learned)
+            print(f"earlier learns read {sum(int((c > 0).sum()) for c in learned[0].values())} slots: "
+                  f"counted {args.protect_learned:g}x as background")
         examples = _examples(pending, model, tokenizer, args)
         kept, skipped = drop_known(examples, model, tokenizer, args.skip_known)
         print(f"dreamed {len(examples)} examples; {skipped} skipped as already known")
@@ -126,7 +134,8 @@ def cmd_learn(args):
         stats = train_memory(model, tokenizer, kept, counts, config, progress=_progress,
                              replay=background) if kept else None
         summary = {**(stats.as_dict() if stats else {}), "skipped_known": skipped}
-        version = store.save_version(model, before, [d.id for d in pending], summary)
+        reads = target_slot_counts(model, tokenizer, kept, args.max_len, write_at=args.write_at) if kept else None
+        version = store.save_version(model, before, [d.id for d in pending], summary, reads)
         journal.mark_learned([d.id for d in pending], version)
     changed = sum(store.manifest(version)["rows_changed"].values())
     rate = f"{stats.tokens_per_s:.0f} training tokens/s, " if stats else ""

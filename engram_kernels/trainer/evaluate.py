@@ -40,7 +40,7 @@ from .background import PROMPTS_KEY, QUESTIONS_KEY, add_calibrated_memory, backg
 from .dreaming import fallback_examples, format_prompt
 from .ingest import Document, chunk_documents
 from .learn import (MEMORY_LAYER, LearnConfig, add_slot_arguments, encode, memory_config, pad_batch,
-                    resolve_slot_arguments, target_loss, target_slot_counts, train_memory)
+                    resolve_slot_arguments, target_position_loss, target_slot_counts, train_memory)
 from .models import default_cache_dir, freeze
 from .slots import with_learned
 
@@ -408,7 +408,7 @@ def train_for(model, tokenizer, examples, optimizer, config, budget_s, replay=()
                 batch += [replayed[(next_replay + j) % len(replayed)] for j in range(replay_per_batch)]
                 next_replay += replay_per_batch
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
-            loss = target_loss(model(input_ids=ids, attention_mask=mask).logits, batch, ids)
+            loss = target_position_loss(model, ids, mask, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -481,7 +481,7 @@ class EvalOptions:
     rag_top_k: int = 2
     answer_batch_size: int = 16
     sequential: int = 0              # K > 0: also K learns in a row on one memory
-    protect_learned: float = 0.0     # sequential: weight of earlier learns' slot reads in the background
+    protect_learned: float = 0.0     # sequential: earlier learns' slot reads in the background (slots.with_learned)
     background_sequences: int = 32   # background text sampled from the base model (addressing, slot counts, replay)
     background_len: int = 64
     background_questions: int = 0    # questions the base model writes and answers, added to that text
@@ -732,9 +732,6 @@ def add_eval_arguments(parser):
     parser.add_argument("--plot", metavar="PNG", help="also plot learned vs retained (and a sequential run) here")
     parser.add_argument("--sequential", type=int, default=0, metavar="K",
                         help="also K learns in a row on one memory; report first-batch recall after each")
-    parser.add_argument("--protect-learned", type=float, default=0.0, metavar="W",
-                        help="sequential: count each learn's slot reads W times into the background, "
-                             "so later learns rank those slots low (0: off)")
     defaults, options = LearnConfig(), EvalOptions()
     parser.add_argument("--layers", help="comma-separated decoder layers for memory (default: middle)")
     for name, value in options.memory.items():

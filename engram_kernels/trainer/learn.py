@@ -23,6 +23,7 @@ from ..integrations import memory_disabled, memory_layers
 from ..integrations.hf import MEMORY_CLASSES
 from ..optim import FusedSparseAdam
 from .dreaming import prompt_ids, template_edges
+from .prefix_cache import PrefixCache
 from .slots import SlotCounter, tfidf_allow_masks
 
 IGNORE = -100
@@ -55,31 +56,42 @@ WRITE_AT_HELP = ("which slot reads may be written: where answer tokens are predi
 # --max-background-share are not given. An n-gram's rows are read wherever the n-gram occurs, so an
 # n-gram memory writes only at the question's tokens, counts the model's own questions as background,
 # and never writes a slot background text reads: without that, SQuAD retention fell from 0.364 to
-# 0.171; with it, 0.359 (eval_results/README.md, eighth session).
-SLOT_DEFAULTS = {"product_keys": dict(write_at="answer", background_questions=0, max_background_share=None),
-                 "ngram": dict(write_at="question", background_questions=64, max_background_share=0.0)}
+# 0.171; with it, 0.359 (eval_results/README.md, eighth session). Facts share question words, so a
+# later learn on an n-gram memory would rewrite an earlier one's rows; counting what was learned as
+# background (protect_learned) kept the first of five tofu batches at 1.0 instead of 0.2.
+SLOT_DEFAULTS = {"product_keys": dict(write_at="answer", background_questions=0, max_background_share=None,
+                                      protect_learned=0.0),
+                 "ngram": dict(write_at="question", background_questions=64, max_background_share=0.0,
+                               protect_learned=1.0)}
 
 
-def _non_negative(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+def _non_negative(kind):
+    def parse(text):
+        value = kind(text)
+        if not value >= 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+    return parse
 
 
 def add_slot_arguments(parser):
     """The options `engram learn` and `engram eval` share on how slots are found and which may be
     written: --addressing, --write-at (and its alias --rank-question), --max-background-share,
-    --background-questions. The last three default to SLOT_DEFAULTS (resolve_slot_arguments)."""
+    --background-questions, --protect-learned. All but the first default to SLOT_DEFAULTS
+    (resolve_slot_arguments)."""
     parser.add_argument("--addressing", choices=ADDRESSING_CHOICES, default="product_keys", help=ADDRESSING_HELP)
     parser.add_argument("--write-at", choices=WRITE_AT, help=WRITE_AT_HELP + " (default: answer; ngram: question)")
     parser.add_argument("--max-background-share", type=float, metavar="S",
                         help="never write slots read by more than this share of background tokens (default: no "
                              "limit; ngram: 0, only n-grams the background text never uses; 1 lifts it)")
-    parser.add_argument("--background-questions", type=_non_negative, metavar="N",
+    parser.add_argument("--background-questions", type=_non_negative(int), metavar="N",
                         help="N questions the model writes and answers itself, added to the background text, so "
                              "the words every question shares (\"Which\", \"Who was\", \"?\") rank as common "
                              "(default: 0; ngram: 64)")
+    parser.add_argument("--protect-learned", type=_non_negative(float), metavar="W",
+                        help="count the slot reads of everything learned before (earlier memory versions; in eval, "
+                             "earlier --sequential batches) W times into the background, so a learn ranks those slots "
+                             "low (with --max-background-share 0: never writes them) (default: 0, off; ngram: 1)")
     parser.add_argument("--rank-question", dest="write_at", action="store_const", const="both",
                         help="the same as --write-at both (kept for recorded commands)")
 
@@ -227,12 +239,24 @@ def _distill_loss(logits, batch, teachers):
     return torch.stack(losses).mean()
 
 
-def _target_loss_at_targets(model, ids, mask, batch, predicting):
-    """target_loss with logits computed only in the columns where some row predicts a target: the
-    vocabulary projection over every prompt position is a fifth of a small model's forward."""
+def target_position_loss(model, ids, mask, batch, predicting=None):
+    """target_loss with the vocabulary projection run only at the positions that predict a target
+    token: over every position it is a fifth of a small model's forward, and a batch's targets are
+    often under half of its positions. The output head sees those positions' hidden states as one
+    (N, D) matrix (a pre-hook), so any elementwise logit post-processing of the model still applies."""
+    if predicting is None:
+        predicting = predicts_target(batch, ids)
     columns = predicting.any(0).nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=columns).logits
-    return _labelled_cross_entropy(logits, target_labels(batch, ids)[:, columns + 1])[0]
+    at_targets = predicting[:, columns]
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0][at_targets],))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=columns).logits
+    finally:
+        hook.remove()
+    labels = target_labels(batch, ids)[:, columns + 1][at_targets]
+    if not labels.numel():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels)
 
 
 @torch.no_grad()
@@ -276,6 +300,37 @@ class LearnStats:
         return {**dataclasses.asdict(self), "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
+def _batches(encoded, replayed, config):
+    """(indices into `encoded`, the batch's examples: those, then config.replay_per_batch of
+    `replayed`) for every step of config.epochs, shuffled with config.seed."""
+    order, rng = list(range(len(encoded))), random.Random(config.seed)
+    for _ in range(config.epochs):
+        rng.shuffle(order)
+        for first in range(0, len(order), config.batch_size):
+            picked = order[first:first + config.batch_size]
+            batch = [encoded[i] for i in picked]
+            if replayed:
+                batch += rng.sample(replayed, min(config.replay_per_batch, len(replayed)))
+            yield picked, batch
+
+
+def _loss_and_slot_reads(model, ids, mask, batch, new_rows, config, teachers):
+    """(the batch's loss, {layer: slot reads of its first `new_rows` rows where config.write_at says})."""
+    predicting = predicts_target(batch, ids)
+    with SlotCounter(model) as counter:
+        # Only the slots read where config.write_at says (a target token is predicted, the
+        # question's own tokens) rank. The chat template's positions, read by every question,
+        # would otherwise top the ranking and their shared slots be rewritten.
+        is_new = torch.arange(len(batch), device=ids.device)[:, None] < new_rows
+        counter.token_mask = (countable(batch, predicting, config.write_at) & is_new).flatten()
+        if config.distill_weight > 0:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(logits, batch, teachers)
+        else:
+            loss = target_position_loss(model, ids, mask, batch, predicting)
+    return loss, counter.counts
+
+
 def train_memory(model, tokenizer, examples, background, config=LearnConfig(), progress=None, replay=None):
     """Train the memory values of `model` on `examples`; returns LearnStats. `background` is
     {layer: access counts} from background.background_counts; `progress(step, total, loss, tok_per_s)`.
@@ -288,39 +343,22 @@ def train_memory(model, tokenizer, examples, background, config=LearnConfig(), p
     device = next(model.parameters()).device
     distill = config.distill_weight > 0
     encoded = [encode(tokenizer, e, config.max_len, with_teacher=distill) for e in examples]
-    replayed = [encode(tokenizer, e, config.max_len) for e in replay or ()] if config.replay_per_batch else []
+    replayed = [encode(tokenizer, e, config.max_len) for e in replay or ()] \
+        if config.replay_per_batch and not distill else []
     teachers = teacher_targets(model, tokenizer, encoded, config.distill_top_k) if distill else [None] * len(encoded)
     values = _train_values_only(model)
     optimizer = FusedSparseAdam(values, lr=config.lr)
     layers = memory_layers(model)
     before = {layer: m.values.detach().clone() for layer, m in layers.items()}
-    order, rng = list(range(len(encoded))), random.Random(config.seed)
     total = config.epochs * -(-len(encoded) // config.batch_size)
     stats, start = LearnStats(examples=len(examples)), time.perf_counter()
     model.train()
-    for _ in range(config.epochs):
-        rng.shuffle(order)
-        for first in range(0, len(order), config.batch_size):
-            picked = order[first:first + config.batch_size]
-            batch = [encoded[i] for i in picked]
-            new_rows = len(batch)
-            if replayed and not distill:
-                batch += rng.sample(replayed, min(config.replay_per_batch, len(replayed)))
+    with PrefixCache(model):  # the blocks below the memory run once per sequence
+        for picked, batch in _batches(encoded, replayed, config):
             ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, device)
-            predicting = predicts_target(batch, ids)
-            with SlotCounter(model) as counter:
-                # Only the slots read where config.write_at says (a target token is predicted, the
-                # question's own tokens) rank. The chat template's positions, read by every
-                # question, would otherwise top the ranking and their shared slots be rewritten.
-                is_new = torch.arange(len(batch), device=device)[:, None] < new_rows
-                counter.token_mask = (countable(batch, predicting, config.write_at) & is_new).flatten()
-                if distill:
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-                    loss = target_loss(logits, batch, ids) + config.distill_weight * _distill_loss(
-                        logits, batch, [teachers[i] for i in picked])
-                else:
-                    loss = _target_loss_at_targets(model, ids, mask, batch, predicting)
-            masks = tfidf_allow_masks(counter.counts, background, config.top_t,
+            loss, counts = _loss_and_slot_reads(model, ids, mask, batch, len(picked), config,
+                                                [teachers[i] for i in picked])
+            masks = tfidf_allow_masks(counts, background, config.top_t,
                                       max_background_share=config.max_background_share)
             for layer, memory in layers.items():
                 optimizer.set_allow_mask(memory.values, masks[layer].to(device))

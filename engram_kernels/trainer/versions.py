@@ -2,6 +2,7 @@
 
     HOME/memory/base/                 memory.safetensors + memory_config.json (save_memory), model.json
     HOME/memory/versions/v0003/       rows.safetensors (per layer: changed row ids and their new values)
+                                      reads.safetensors (per layer: the slots its examples read, counts)
                                       manifest.json (parent version, documents learned, stats, date)
     HOME/memory/CURRENT               the version the model runs with (0 = base)
 
@@ -80,9 +81,10 @@ class MemoryStore:
             version = self.manifest(version)["parent"]
         return chain[::-1]
 
-    def save_version(self, model, before, documents, stats):
+    def save_version(self, model, before, documents, stats, reads=None):
         """Write the rows of each memory layer that differ from `before` ({layer: values}) as a new
-        version whose parent is the current one; make it current; return its number."""
+        version whose parent is the current one, with the slot reads of what it learned (`reads`:
+        ({layer: counts}, tokens), see learned_reads); make it current; return its number."""
         version = max([m["version"] for m in self.versions()], default=0) + 1
         tensors, changed = {}, {}
         for layer, memory in memory_layers(model).items():
@@ -95,6 +97,8 @@ class MemoryStore:
         tmp = self.versions_dir / f"v{version:04d}.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         save_file(tensors, tmp / "rows.safetensors")
+        if reads is not None:
+            save_file(_sparse_reads(*reads), tmp / "reads.safetensors")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         os.replace(tmp, self._dir(version))
         self.set_current(version)
@@ -113,3 +117,28 @@ class MemoryStore:
                     rows = tensors[f"layers.{layer}.rows"].to(memory.values.device)
                     memory.values[rows] = tensors[f"layers.{layer}.values"].to(memory.values)
         return model
+
+    def learned_reads(self, model, version=None):
+        """({layer: slot reads}, tokens) summed over the versions on the chain to `version` (default:
+        current): what the memory learned so far read, for slots.with_learned; None before any learn."""
+        paths = [self._dir(v) / "reads.safetensors" for v in self.chain(self.current() if version is None else version)]
+        paths = [p for p in paths if p.exists()]
+        if not paths:
+            return None
+        counts = {layer: torch.zeros(m.n_slots, dtype=torch.long) for layer, m in memory_layers(model).items()}
+        tokens = 0
+        for path in paths:
+            tensors = load_file(path)
+            tokens += int(tensors["tokens"])
+            for layer, total in counts.items():
+                total.index_add_(0, tensors[f"layers.{layer}.slots"], tensors[f"layers.{layer}.counts"])
+        return counts, tokens
+
+
+def _sparse_reads(counts, tokens):
+    tensors = {"tokens": torch.tensor(int(tokens))}
+    for layer, dense in counts.items():
+        slots = dense.nonzero().flatten()
+        tensors[f"layers.{layer}.slots"] = slots.cpu()
+        tensors[f"layers.{layer}.counts"] = dense[slots].long().cpu()
+    return tensors

@@ -9,7 +9,8 @@ from engram_kernels.integrations import add_memory_layers, memory_layers
 from engram_kernels.modules import NgramMemory
 from engram_kernels.trainer import cli
 from engram_kernels.trainer.dreaming import Example
-from engram_kernels.trainer.learn import LearnConfig, countable, encode, pad_batch, predicts_target, train_memory
+from engram_kernels.trainer.learn import (LearnConfig, countable, encode, pad_batch, predicts_target, target_loss,
+                                          target_position_loss, train_memory)
 from engram_kernels.trainer.slots import SlotCounter
 
 SMALL_MEMORY = ["--n-keys", "16", "--heads", "2", "--k", "4", "--key-dim", "32", "--layers", "1"]
@@ -147,6 +148,23 @@ def test_write_at_says_which_slot_reads_may_change(tokenizer, tiny_model, write_
     assert bool(changed - at_target) == (write_at != "answer")
 
 
+def test_the_loss_at_target_positions_is_the_loss_over_all_logits(tokenizer, tiny_model):
+    examples = [Example("Who wrote Glass Harbors?", "Mira Dask", "qa", "d", ""),
+                Example("", "The river Ost flows north into the Pale Sea.", "raw", "d", "")]
+    batch = [encode(tokenizer, e, 64) for e in examples]
+    ids, mask = pad_batch([e.ids for e in batch], tokenizer.pad_token_id, "cpu")
+    expected = target_loss(tiny_model(input_ids=ids, attention_mask=mask).logits, batch, ids)
+    expected.backward()
+    grads = {name: p.grad.clone() for name, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    loss = target_position_loss(tiny_model, ids, mask, batch)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for name, p in tiny_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], msg=name)
+    assert not tiny_model.get_output_embeddings()._forward_pre_hooks
+
+
 def test_an_unknown_write_at_is_rejected():
     with pytest.raises(ValueError, match="write_at must be one of"):
         countable([], torch.zeros(1, 1, dtype=torch.bool), "prompt")
@@ -165,4 +183,33 @@ def test_an_ngram_memory_learns_facts_and_recalls_them(tmp_path, model_dir):
     # a later learn that leaves the slot options out gets the n-gram defaults, as the stored memory is one
     args = cli.build_parser().parse_args(["learn", str(facts), "--home", str(tmp_path / "home")])
     cli.open_model(tmp_path / "home", args, create=True)
-    assert (args.write_at, args.background_questions, args.max_background_share) == ("question", 64, 0.0)
+    assert (args.write_at, args.background_questions, args.max_background_share, args.protect_learned) == \
+        ("question", 64, 0.0, 1.0)
+
+
+MORE_FACTS = [{"question": "Who wrote Paper Lanterns?", "answer": "Ilsa Varn"},
+              {"question": "What is the capital of Ostrava Minor?", "answer": "Tellbridge"}]
+
+
+@pytest.mark.parametrize("protect", ["1", "0"])
+def test_a_later_ngram_learn_leaves_the_slots_earlier_learns_read_alone(tmp_path, model_dir, protect):
+    # layer 0: what the memory adds at a question's tokens reaches the answer only through a later
+    # layer's attention; 16,384 slots: the tiny model's random background text reads most of 256
+    home, ngram = tmp_path / "home", ["--addressing", "ngram", "--layers", "0", "--n-keys", "128",
+                                      "--background-questions", "4", "--epochs", "2", "--protect-learned", protect]
+    learn(home, model_dir, write_jsonl(tmp_path / "a.jsonl", FACTS), extra=ngram)
+    learn(home, model_dir, write_jsonl(tmp_path / "b.jsonl", MORE_FACTS), extra=ngram)
+    model, _, store = open_memory(home)
+    first, tokens = store.learned_reads(model, version=1)
+    assert tokens > 0 and store.learned_reads(model, version=0) is None
+    both, _ = store.learned_reads(model)
+    rows = load_file(home / "memory" / "versions" / "v0002" / "rows.safetensors")
+    overlap = 0
+    for layer, reads in first.items():
+        assert (both[layer] >= reads).all() and both[layer].sum() > reads.sum()
+        changed = rows[f"layers.{layer}.rows"]
+        assert changed.numel() > 0
+        overlap += int((reads[changed] > 0).sum())
+    # the facts share "Who wrote" and "What is the capital of": unprotected, the second learn rewrites them
+    assert (overlap == 0) if protect == "1" else (overlap > 0)
+
