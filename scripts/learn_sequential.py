@@ -62,9 +62,11 @@ def main(argv=None):
     groups = [list(range(n * i // args.batches, n * (i + 1) // args.batches)) for i in range(args.batches)]
     home = Path(args.home or tempfile.mkdtemp(prefix="engram-sequential-"))
     max_new = 64 if data.kind == "qa" else 32
+    steps = []
     report = {"command": " ".join(["python", "scripts/learn_sequential.py", *sys.argv[1:]]), "data": args.data,
-              "learn_options": learn_options, "kind": data.kind, "items": n, "steps": [],
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": torch.get_num_threads()}
+              "learn_options": learn_options, "kind": data.kind, "items": n,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "threads": torch.get_num_threads(),
+              "sequential": {"batches": args.batches, "steps": steps}}  # shaped as engram eval's, for its plot
     if retention:
         model, tokenizer = load_model(None)
         report["retention_before"] = ask(model, tokenizer, "retention", retention, 32)["acc"]
@@ -81,12 +83,13 @@ def main(argv=None):
                 "slots_changed": sum(store.manifest(store.current())["rows_changed"].values()),
                 "first_batch_acc": ask(model, tokenizer, data.kind, first, max_new)["acc"],
                 "batch_acc": ask(model, tokenizer, data.kind, current, max_new)["acc"]}
-        report["steps"].append(step)
+        steps.append(step)
         print(f"learn {index}/{args.batches}: {step}", flush=True)
-    report["first_batch_recall"] = [s["first_batch_acc"] for s in report["steps"]]
+    recall = report["sequential"]["first_batch_recall"] = [s["first_batch_acc"] for s in steps]
+    report["sequential"]["first_batch_retained"] = recall[-1] / recall[0] if recall[0] else None
     if retention:
-        report["retention_acc"] = ask(model, tokenizer, "retention", retention, 32)["acc"]
-        print(f"retention after: {report['retention_acc']:.3f}", flush=True)
+        report["sequential"]["retention_acc"] = ask(model, tokenizer, "retention", retention, 32)["acc"]
+        print(f"retention after: {report['sequential']['retention_acc']:.3f}", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
