@@ -7,7 +7,7 @@ depend on the batch it is in, so they are kept per sequence, keyed by its tokens
 """
 import torch
 
-from ..integrations.hf import decoder_layers, hidden_size, memory_layers
+from ..integrations.hf import decoder_layers, memory_layers
 
 
 class _Filled(Exception):
@@ -24,7 +24,8 @@ class PrefixCache:
         self.model, self.max_bytes = model, max_bytes
         self.blocks = decoder_layers(model)
         self.first = min(memory_layers(model), default=0)
-        self.token_bytes = hidden_size(model) * next(model.parameters()).element_size()
+        embedding = model.get_input_embeddings().weight  # the residual stream's width and dtype
+        self.token_bytes = embedding.shape[1] * embedding.element_size()
         self.states, self.bytes = {}, 0
         self.rows, self.ready = None, None  # this call's row keys; the same when all are kept
         self.enabled, self.filling = True, False
