@@ -27,7 +27,7 @@ class PrefixCache:
         embedding = model.get_input_embeddings().weight  # the residual stream's width and dtype
         self.token_bytes = embedding.shape[1] * embedding.element_size()
         self.states, self.bytes = {}, 0
-        self.rows, self.ready = None, None  # this call's row keys; the same when all are kept
+        self.rows, self.ready = None, None  # the rows a fill computes; the call's rows when all are kept
         self.enabled, self.filling = True, False
         self.hits = self.misses = 0  # calls served from kept states / run in full
         self._hooks = []
@@ -48,22 +48,20 @@ class PrefixCache:
         self._hooks = []
         for block in self.blocks[:self.first]:
             block.__dict__.pop("forward", None)
-        self.rows = self.ready = None
+        self.ready = None
         return False
 
     def _see_call(self, model, args, kwargs):
-        self.rows = self.ready = None
+        self.ready = None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if not self.enabled or ids is None or kwargs.get("past_key_values") is not None:
+        if self.filling or not self.enabled or ids is None or kwargs.get("past_key_values") is not None:
             return
         rows = _row_keys(ids, kwargs.get("attention_mask"))
-        if rows is None or self.filling:
-            self.rows = rows
+        if rows is None:
             return
         missing = list(dict.fromkeys(key for key in rows if key not in self.states))
         if missing and self.bytes + sum(map(len, missing)) * self.token_bytes <= self.max_bytes:
             self._fill(missing, ids.device)
-        self.rows = rows
         if self.enabled and all(key in self.states for key in rows):
             self.ready = rows
 
@@ -74,13 +72,13 @@ class PrefixCache:
         for row, key in enumerate(keys):
             ids[row, :len(key)] = torch.tensor(key)
             mask[row, :len(key)] = 1
-        self.filling = True
+        self.rows, self.filling = keys, True
         try:
             self.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
         except _Filled:
             pass
         finally:
-            self.filling = False
+            self.rows, self.filling = None, False
 
     def _skipping(self, forward):
         def skip_when_kept(*args, **kwargs):
@@ -95,7 +93,7 @@ class PrefixCache:
     def _at_memory(self, block, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.filling:
-            if self.rows is not None and self.enabled:
+            if self.enabled:
                 for row, key in enumerate(self.rows):
                     self.states[key] = hidden[row, :len(key)].detach().clone()
                     self.bytes += len(key) * self.token_bytes
