@@ -119,9 +119,21 @@ def choose(device, family="memory"):
 BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
 
 
+_op_modules = {}  # (family, device type, forced backend) -> module, where no fallback notice was due
+
+
 def op_module(family, device):
-    """The module of engram_kernels.ops.<family> implementing its ops for the backend chosen on `device`."""
-    return importlib.import_module(f"engram_kernels.ops.{family}.{BACKEND_MODULES[choose(device, family)]}")
+    """The module of engram_kernels.ops.<family> implementing its ops for the backend chosen on `device`
+    (memoized: decode steps call it once per layer and token)."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (family, device_type, forced_backend())
+    module = _op_modules.get(key)
+    if module is None:
+        name = choose(device_type, family)
+        module = importlib.import_module(f"engram_kernels.ops.{family}.{BACKEND_MODULES[name]}")
+        if key[2] in (None, name):  # a fallback is looked up again, so that its notice still shows
+            _op_modules[key] = module
+    return module
 
 
 def describe(backend, family="memory"):

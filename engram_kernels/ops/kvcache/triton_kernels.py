@@ -1,13 +1,18 @@
 """`triton` backend: Triton kernels for the KV-cache ops (CUDA, or CPU tensors under TRITON_INTERPRET=1).
 
-fp32 math whatever the storage dtype. Packed codes are unpacked in registers: each token's bytes
-are loaded once, contiguously, and split into bit planes, which in the planar layout are runs of
-whole channels; codes never pass through memory unpacked. Decode attention is split-K flash
-decoding: one program per (batch, KV head, split of the tokens) handles all query rows of that KV
-head (GQA heads x query tokens, padded to 16 for tl.dot), the last split of each head takes the
-full-precision residual window, and a second kernel merges the splits' (max, sum, output) triples.
-The split size is a compile-time number of tiles (a static loop the compiler can pipeline), timed
-per shape bucket on a GPU's first call (see _launch_config).
+fp32 math whatever the storage dtype, except dot operands. Packed codes are unpacked in
+registers: each token's bytes are loaded once, contiguously, and split into bit planes, which in
+the planar layout are runs of whole channels; codes never pass through memory unpacked.
+
+Decode attention is split-K flash decoding: one program per (batch, KV head, split of the tokens)
+handles all query rows of that KV head (GQA heads x query tokens, padded to 16 for tl.dot), the
+last split of each head takes the full-precision residual window, and the head's last split to
+finish (an atomic counter per head) merges the splits' (max, sum, output) triples, so a call is
+one launch. Each bit plane is its own dot (no reshape of the codes into channel order); the key
+scale folds into the query and the value scale into the softmax weights, so 16-bit operands take
+the codes straight from the bytes (see _codes). The split size is a compile-time number of tiles
+(a static loop the compiler can pipeline), timed per shape bucket on a GPU's first call (see
+_launch_config).
 
 Other loops whose bounds come from tensors' lengths are `while` loops: Triton 3.6's interpreter
 rejects a runtime scalar `range()` bound under numpy >= 2.4. Head dims and value groups must be
@@ -168,101 +173,197 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups,
 
 
 @triton.jit
-def _fold(s, m, l, acc, v, PRECISION: tl.constexpr):
-    """Online-softmax step: scores s (ROWS, BLOCK) and values v (BLOCK, D) into (m, l, acc); the PV
-    product takes its operands in v's dtype (the query's: 16-bit on GPUs) and accumulates in fp32."""
+def _codes(byte, i: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr, OPERAND: tl.constexpr):
+    """Bit plane i of int16 packed bytes as dot operands. With MAGIC_BITS (16-bit operands) the
+    code becomes the low mantissa bits of a constant whose mantissa unit is 1 (bf16 0x4300 = 128,
+    fp16 0x6400 = 1024): an and, an or and a bitcast give MAGIC + code with no int-to-float
+    conversion; callers subtract MAGIC times their operand sums. Otherwise the plain code."""
+    code = (byte >> (i * BITS)) & ((1 << BITS) - 1)
+    if MAGIC_BITS:
+        return (code | MAGIC_BITS).to(tl.int16).to(OPERAND, bitcast=True)
+    return code.to(OPERAND)
+
+
+@triton.jit
+def _softmax_step(s, m, l):
+    """Online softmax: scores s (ROWS, BLOCK) into running max m and sum l -> (p, m, l, corr)."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     corr = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    l = l * corr + tl.sum(p, axis=1)
-    acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l, acc
+    return p, m_new, l * corr + tl.sum(p, axis=1), corr
 
 
 @triton.jit
-def _key_tile(kc_ptr, ks_ptr, kz_ptr, head, rows, t0, ok, n_groups, G: tl.constexpr, D: tl.constexpr,
-              BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """(codes (BLOCK, D) fp32, scale (D,), zero (D,)) of a packed key tile that lies in one group."""
+def _packed_scores(q_ptr, kbytes, ks_ptr, kz_ptr, group_row, valid, i: tl.constexpr, P: tl.constexpr,
+                   BITS: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, OPERAND: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Plane i's part of q . k for a key tile in one group: q . (c s + z) = (q s) . c + q . z, so the
+    per-channel scale folds into the query and the codes go into the dot as they are.
+    q_ptr points at the plane's first channel of each query row (rows x P, fp32 after loading)."""
+    cp = tl.arange(0, P)
+    q = tl.load(q_ptr + cp[None, :]).to(tl.float32)
+    scale = tl.load(ks_ptr + group_row + i * P + cp, mask=valid & (cp < P), other=0.0).to(tl.float32)
+    zero = tl.load(kz_ptr + group_row + i * P + cp, mask=valid & (cp < P), other=0.0).to(tl.float32)
+    qs = (q * scale[None, :]).to(OPERAND)
+    s = tl.dot(qs, tl.trans(_codes(kbytes, i, BITS, MAGIC_BITS, OPERAND)), input_precision=PRECISION)
+    return s + (tl.sum(q * zero[None, :], axis=1) - MAGIC * tl.sum(qs.to(tl.float32), axis=1))[:, None]
+
+
+@triton.jit
+def _packed_values(acc, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, i: tl.constexpr, P: tl.constexpr,
+                   GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr,
+                   MAGIC: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+    """acc (ROWS, P) of plane i (channels i*P ..) <- corr * acc + p . values. When the plane lies in
+    one value group, p . (c s + z) = (p s) . c + p . z: the token's scale folds into p. Otherwise
+    (groups narrower than a plane) the values are dequantized per channel first."""
+    NG: tl.constexpr = D // GV
+    acc = acc * corr[:, None]
+    if GV >= P:
+        at = rows * NG + (i * P) // GV
+        scale = tl.load(vs_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(vz_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        ps = (p * scale[None, :]).to(OPERAND)
+        acc += tl.dot(ps, _codes(vbytes, i, BITS, MAGIC_BITS, OPERAND), input_precision=PRECISION)
+        return acc + (tl.sum(p * zero[None, :], axis=1) - MAGIC * tl.sum(ps.to(tl.float32), axis=1))[:, None]
+    at = rows[:, None] * NG + ((i * P + tl.arange(0, P)) // GV)[None, :]
+    scale = tl.load(vs_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(vz_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    v = _codes(vbytes, i, BITS, 0, tl.float32) * scale + zero
+    return acc + tl.dot(p.to(OPERAND), v.to(OPERAND), input_precision=PRECISION)
+
+
+@triton.jit
+def _residual_step(acc, corr, p, rv_ptr, at, ok, i: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
+    v = tl.load(rv_ptr + at + i * P, mask=ok[:, None], other=0.0)
+    return acc * corr[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+
+@triton.jit
+def _merge_splits(scratch_ptr, out_ptr, head, n_splits, ROWS: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr):
+    """out rows of `head` from every split's (acc, max, sum) in scratch: run by the head's last split."""
     c = tl.arange(0, D)
-    at = (head * n_groups + t0 // G) * D + c
-    inside = (c < D) & (t0 // G < n_groups)  # a split's tail tiles lie past the last group
-    scale = tl.load(ks_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    zero = tl.load(kz_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    return _unpack(kc_ptr, rows, ok, D, BITS, BLOCK), scale, zero
+    row = head * 0
+    while row < ROWS:
+        m_run = tl.full([1], float("-inf"), tl.float32)
+        l_run = tl.zeros([1], tl.float32)
+        o = tl.zeros([D], tl.float32)
+        s0 = head * 0
+        while s0 < n_splits:
+            sp = s0 + tl.arange(0, CHUNK)
+            ok = sp < n_splits
+            at = ((head * n_splits + sp) * ROWS + row) * (D + 2)
+            # volatile: other programs wrote these rows; never serve them from this SM's L1
+            m = tl.load(scratch_ptr + at + D, mask=ok, other=float("-inf"), volatile=True)
+            l = tl.load(scratch_ptr + at + D + 1, mask=ok, other=0.0, volatile=True)
+            acc = tl.load(scratch_ptr + at[:, None] + c[None, :], mask=ok[:, None], other=0.0, volatile=True)
+            m_new = tl.maximum(m_run, tl.max(m, axis=0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.exp(m_run - m_safe)
+            w = tl.exp(m - m_safe)
+            l_run = l_run * a + tl.sum(w * l, axis=0)
+            o = o * a + tl.sum(acc * w[:, None], axis=0)
+            m_run = m_new
+            s0 += CHUNK
+        tl.store(out_ptr + (head * ROWS + row) * D + c, (o / l_run).to(out_ptr.dtype.element_ty))
+        row += 1
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr, packed_len,
-                   residual_len, n_groups, n_splits, scale, TILES: tl.constexpr, N_REP: tl.constexpr,
-                   Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr,
-                   BITS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr, rv_ptr, scratch_ptr, counter_ptr,
+                   out_ptr, packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
+                   N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
+                   GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                   MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+                   PRECISION: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)  # head = b * Hkv + kv head
     ROWS: tl.constexpr = N_REP * Q_LEN
+    P: tl.constexpr = D * BITS // 8  # bytes per token = channels per bit plane
+    PER: tl.constexpr = 8 // BITS
     OPERAND = rk_ptr.dtype.element_ty  # the query's dtype: dot operands, fp32 accumulators
     r = tl.arange(0, ROWS_PAD)
-    c = tl.arange(0, D)
+    cp = tl.arange(0, P)
     j = tl.arange(0, BLOCK)
-    # The KV head's query rows are contiguous in (B, Hq, Tq, D): N_REP heads x Q_LEN tokens.
-    q = tl.load(q_ptr + (head * ROWS + r)[:, None] * D + c[None, :], mask=(r < ROWS)[:, None], other=0.0)
-    q = q.to(tl.float32) * scale
+    real = r < ROWS
+    # The KV head's query rows are contiguous in (B, Hq, Tq, D): N_REP heads x Q_LEN tokens. Padding
+    # rows read row 0 (in bounds, results never stored); the softmax scale goes into the queries.
+    q_rows = q_ptr + (head * ROWS + tl.where(real, r, 0))[:, None] * D
     limit = packed_len + residual_len - Q_LEN + r % Q_LEN  # last position each row may see
     m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l = tl.zeros([ROWS_PAD], tl.float32)
-    acc = tl.zeros([ROWS_PAD, D], tl.float32)
+    # one accumulator per bit plane (channels i*P .. i*P + P - 1); int2 has four
+    acc0 = tl.zeros([ROWS_PAD, P], tl.float32)
+    acc1 = tl.zeros([ROWS_PAD, P], tl.float32)
+    acc2 = tl.zeros([ROWS_PAD, P], tl.float32)
+    acc3 = tl.zeros([ROWS_PAD, P], tl.float32)
 
     # A constant trip count (tiles past the end are masked off) lets the compiler pipeline the loads.
     start = split * (TILES * BLOCK)
-    for i in range(TILES):
-        t0 = start + i * BLOCK
+    for t in range(TILES):
+        t0 = start + t * BLOCK
         tok = t0 + j
         ok = tok < packed_len
         rows = head * packed_len + tok
-        # q . (codes * s + z) = (q * s) . codes + q . z: the tile's per-channel scale and zero fold
-        # into the query, and the codes (small integers, exact in 16 bits) go straight into the dot.
-        codes, k_scale, k_zero = _key_tile(kc_ptr, ks_ptr, kz_ptr, head, rows, t0, ok, n_groups, G, D, BITS, BLOCK)
-        s = tl.dot((q * k_scale[None, :]).to(OPERAND), tl.trans(codes.to(OPERAND)), input_precision=PRECISION)
-        s += tl.sum(q * k_zero[None, :], axis=1)[:, None]
-        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
-        v = _dequantize_value_tile(_unpack(vc_ptr, rows, ok, D, BITS, BLOCK), vs_ptr, vz_ptr, rows, ok, D, GV, BLOCK)
-        m, l, acc = _fold(s, m, l, acc, v.to(OPERAND), PRECISION)
+        group_row = (head * n_groups + t0 // G) * D
+        valid = t0 < packed_len  # a split's tail tiles lie past the last group
+        kbytes = tl.load(kc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0).to(tl.int16)
+        s = _packed_scores(q_rows, kbytes, ks_ptr, kz_ptr, group_row, valid, 0, P, BITS, MAGIC_BITS, MAGIC,
+                           OPERAND, PRECISION)
+        s += _packed_scores(q_rows + P, kbytes, ks_ptr, kz_ptr, group_row, valid, 1, P, BITS, MAGIC_BITS, MAGIC,
+                            OPERAND, PRECISION)
+        if PER == 4:
+            s += _packed_scores(q_rows + 2 * P, kbytes, ks_ptr, kz_ptr, group_row, valid, 2, P, BITS, MAGIC_BITS,
+                                MAGIC, OPERAND, PRECISION)
+            s += _packed_scores(q_rows + 3 * P, kbytes, ks_ptr, kz_ptr, group_row, valid, 3, P, BITS, MAGIC_BITS,
+                                MAGIC, OPERAND, PRECISION)
+        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s * scale, float("-inf"))
+        p, m, l, corr = _softmax_step(s, m, l)
+        vbytes = tl.load(vc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0).to(tl.int16)
+        acc0 = _packed_values(acc0, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 0, P, GV, D, BITS, MAGIC_BITS,
+                              MAGIC, OPERAND, PRECISION)
+        acc1 = _packed_values(acc1, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 1, P, GV, D, BITS, MAGIC_BITS,
+                              MAGIC, OPERAND, PRECISION)
+        if PER == 4:
+            acc2 = _packed_values(acc2, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 2, P, GV, D, BITS, MAGIC_BITS,
+                                  MAGIC, OPERAND, PRECISION)
+            acc3 = _packed_values(acc3, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 3, P, GV, D, BITS, MAGIC_BITS,
+                                  MAGIC, OPERAND, PRECISION)
 
-    q = q.to(OPERAND)
     t0 = 0
     r_end = tl.where(split == n_splits - 1, residual_len, 0)  # the last split takes the residual window
     while t0 < r_end:
         tok = t0 + j
         ok = tok < r_end
-        at = (head * residual_len + tok)[:, None] * D + c[None, :]
-        k = tl.load(rk_ptr + at, mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
-        m, l, acc = _fold(s, m, l, acc, tl.load(rv_ptr + at, mask=ok[:, None], other=0.0), PRECISION)
+        at = (head * residual_len + tok)[:, None] * D + cp[None, :]
+        s = tl.zeros([ROWS_PAD, BLOCK], tl.float32)
+        for i in tl.static_range(PER):
+            q = tl.load(q_rows + i * P + cp[None, :])
+            k = tl.load(rk_ptr + at + i * P, mask=ok[:, None], other=0.0)
+            s += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s * scale, float("-inf"))
+        p, m, l, corr = _softmax_step(s, m, l)
+        acc0 = _residual_step(acc0, corr, p, rv_ptr, at, ok, 0, P, PRECISION)
+        acc1 = _residual_step(acc1, corr, p, rv_ptr, at, ok, 1, P, PRECISION)
+        if PER == 4:
+            acc2 = _residual_step(acc2, corr, p, rv_ptr, at, ok, 2, P, PRECISION)
+            acc3 = _residual_step(acc3, corr, p, rv_ptr, at, ok, 3, P, PRECISION)
         t0 += BLOCK
 
     # scratch rows (head, split, query row) hold acc (D), m, l; only the real query rows are kept
     out = ((head * n_splits + split) * ROWS + r) * (D + 2)
-    real = r < ROWS
-    tl.store(scratch_ptr + out[:, None] + c[None, :], acc, mask=real[:, None])
+    tl.store(scratch_ptr + out[:, None] + cp[None, :], acc0, mask=real[:, None])
+    tl.store(scratch_ptr + out[:, None] + P + cp[None, :], acc1, mask=real[:, None])
+    if PER == 4:
+        tl.store(scratch_ptr + out[:, None] + 2 * P + cp[None, :], acc2, mask=real[:, None])
+        tl.store(scratch_ptr + out[:, None] + 3 * P + cp[None, :], acc3, mask=real[:, None])
     tl.store(scratch_ptr + out + D, m, mask=real)
     tl.store(scratch_ptr + out + D + 1, l, mask=real)
-
-
-@triton.jit
-def _merge_kernel(scratch_ptr, out_ptr, n_splits, ROWS: tl.constexpr, D: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    head, r = tl.program_id(0), tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    c = tl.arange(0, D)
-    at = ((head * n_splits + s) * ROWS + r) * (D + 2)
-    ok = s < n_splits
-    m = tl.load(scratch_ptr + at + D, mask=ok, other=float("-inf"))
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-    total = tl.sum(w * tl.load(scratch_ptr + at + D + 1, mask=ok, other=0.0), axis=0)
-    acc = tl.load(scratch_ptr + at[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / total
-    tl.store(out_ptr + (head * ROWS + r) * D + c, out.to(out_ptr.dtype.element_ty))
+    # The head's last split to finish merges all of them (one launch instead of two). The barrier
+    # orders every thread's stores before the counter's release; the counter goes back to 0.
+    tl.debug_barrier()
+    if tl.atomic_add(counter_ptr + head, 1) == n_splits - 1:
+        tl.atomic_xchg(counter_ptr + head, 0)
+        _merge_splits(scratch_ptr, out_ptr, head, n_splits, ROWS, D, MERGE_CHUNK)
 
 
 # ---- host side ----------------------------------------------------------------------------------
@@ -377,11 +478,24 @@ def _decode_block(group_size):
     return next((block for block in (64, 32, 16) if group_size % block == 0), None)
 
 
+# A 16-bit code c or-ed into these bits reads as MAGIC + c (see _codes); fp32 operands take plain codes.
+_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+_MERGE_CHUNK = 32  # splits the merge reads per step
+_COUNTERS = {}  # device -> int32 zeros, one per (batch, KV head): splits finished in the running call
+
+
+def _counters(device, heads):
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < heads:
+        counters = _COUNTERS[device] = torch.zeros(max(heads, 64), dtype=torch.int32, device=device)
+    return counters
+
+
 def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
                      residual_values, bits, group_size, scale):
     b, hq, tq, d = query.shape
     block = _decode_block(group_size)
-    if not _supported(d, group_size) or block is None:
+    if not _supported(d, group_size) or block is None or d * bits // 8 < _MIN_ROWS:
         return naive.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
                                       residual_keys, residual_values, bits, group_size, scale)
     hkv, packed_len, residual_len = key_codes.shape[1], key_codes.shape[2], residual_keys.shape[2]
@@ -389,6 +503,8 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
     rows = n_rep * tq
     blocks = triton.cdiv(packed_len, block)
     out = torch.empty_like(query)
+    counters = _counters(query.device, heads)  # shared by calls on one device: one stream at a time
+    magic_bits, magic = _MAGIC.get(query.dtype, (0, 0.0))
 
     def run(launch):
         tiles, warps, stages = launch
@@ -396,10 +512,10 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
         scratch = query.new_empty(heads, n_splits, rows, d + 2, dtype=torch.float32)
         _decode_kernel[(heads, n_splits)](
             query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
-            residual_values, scratch, packed_len, residual_len, triton.cdiv(packed_len, group_size), n_splits,
-            scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
-            naive.value_group(d, group_size), d, bits, block, _precision(), num_warps=warps, num_stages=stages)
-        _merge_kernel[(heads, rows)](scratch, out, n_splits, rows, d, triton.next_power_of_2(n_splits))
+            residual_values, scratch, counters, out, packed_len, residual_len, triton.cdiv(packed_len, group_size),
+            n_splits, scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
+            naive.value_group(d, group_size), d, bits, block, magic_bits, magic, _MERGE_CHUNK,
+            _precision(), num_warps=warps, num_stages=stages)
 
     bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size)
     launch = _launch_config(query.device, heads, packed_len, blocks, bucket, run)

@@ -18,17 +18,20 @@ import torch
 
 def lora_forward(kernels, x, weight, bias, lora_a, lora_b, scale, p, seed):
     u = (kernels.dropout(x, p, seed) if p else x) @ lora_a.t()
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
-    y.addmm_(u, lora_b.t(), alpha=scale)
-    return y, u
+    # The rank-r product is written first and the frozen GEMM accumulates onto it in place
+    # (beta = 1): y is read once in the epilogue of a compute-bound GEMM, not read and written
+    # again by a separate update.
+    us = u * scale
+    y = torch.addmm(bias, us, lora_b.t()) if bias is not None else us @ lora_b.t()
+    return y.addmm_(x, weight.t()), u
 
 
 def lora_backward(kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
     g = (grad_y @ lora_b).mul_(scale)
-    branch = g @ lora_a
+    dx = g @ lora_a
     if p:
-        branch = kernels.dropout(branch, p, seed)
-    dx = torch.addmm(branch, grad_y, weight)  # cuBLAS reads the branch in its epilogue (beta = 1)
+        dx = kernels.dropout(dx, p, seed)
+    dx.addmm_(grad_y, weight)  # in place, as in the forward (out-of-place addmm would copy the branch first)
     xd = kernels.dropout(x, p, seed) if p else x
     return dx, g.t() @ xd, torch.mm(grad_y.t(), u).mul_(scale)
 
