@@ -1,5 +1,7 @@
 """Times every Triton decode-attention launch candidate against bf16 SDPA on this GPU, with each
-compiled kernel's registers and spills; shows where the time of one decode call goes.
+compiled kernel's registers and spills; shows where the time of one decode call goes. Each context
+runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton bit operations
+(ENGRAM_KV_PTX=0), each checked against the reference first; then the `cuda` backend (tensor cores).
 
     python scripts/kv_decode_probe.py [CONTEXT ...]      (default 32768 131072; Llama-8B heads, int4)
 """
@@ -42,15 +44,28 @@ def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, resid
 
     print(f"context {context}: packed {packed.nbytes() / 1e6:.1f} MB")
     print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms")
-    with backends.use_backend("triton"):
-        call, gpu = elapsed_ms(decode), gpu_ms(decode)
-    for bucket, timings in triton_kernels.DECODE_TIMINGS.items():
-        print(f"  bucket {bucket}")
-        for launch, ms in sorted(timings.items(), key=lambda kv: kv[1]):
-            print(f"    tiles/split, warps, stages {launch}: {ms:.4f} ms")
-    print(f"  triton decode_attention call {call:.4f} ms, GPU time alone {gpu:.4f} ms")
-    print_compiled_kernels()
-    triton_kernels.DECODE_TIMINGS.clear()
+    with backends.use_backend("torch"):
+        expected = decode().float()
+    for ptx in (True, False):
+        triton_kernels.USE_PTX = ptx
+        with backends.use_backend("triton"):
+            error = (decode().float() - expected).abs().max().item()
+            call, gpu = elapsed_ms(decode), gpu_ms(decode)
+        print(f"  codes by {'inline PTX' if ptx else 'Triton bit ops'}: max |triton - reference| {error:.2e}")
+        for bucket, timings in triton_kernels.DECODE_TIMINGS.items():
+            print(f"  bucket {bucket}")
+            for launch, ms in sorted(timings.items(), key=lambda kv: kv[1]):
+                print(f"    tiles/split, warps, stages {launch}: {ms:.4f} ms")
+        print(f"  triton decode_attention call {call:.4f} ms, GPU time alone {gpu:.4f} ms")
+        print_compiled_kernels()
+        triton_kernels.DECODE_TIMINGS.clear()
+    triton_kernels.USE_PTX = True
+    if backends.is_available("cuda", "cuda", "kvcache"):  # the tensor-core kernel (kvcache_decode_mma.cuh)
+        with backends.use_backend("cuda"):
+            error = (decode().float() - expected).abs().max().item()
+            call, gpu = elapsed_ms(decode), gpu_ms(decode)
+        print(f"  cuda decode_attention: max |cuda - reference| {error:.2e}, call {call:.4f} ms, "
+              f"GPU time alone {gpu:.4f} ms")
 
 
 def print_compiled_kernels():

@@ -36,9 +36,9 @@ def _dtypes(case):
 
 
 def _decode_dtypes(case):
-    """Triton's decode also runs fp16: its 16-bit operands take the codes by bit tricks that differ
-    per dtype, and the interpreter's fp16 dot is right where its bf16 dot is not."""
-    if case[0] != "triton":
+    """The Triton and CUDA decode kernels also run fp16: their 16-bit operands take the codes by bit
+    tricks that differ per dtype (and the interpreter's fp16 dot is right where its bf16 dot is not)."""
+    if case[0] not in ("triton", "cuda"):
         return _dtypes(case)
     return _dtypes(case) + [torch.float16]
 

@@ -6,13 +6,16 @@
 // the key and value codes in registers (never in memory), reduces q.k over the warp with shuffles
 // and keeps an online softmax per query row (all GQA heads x query tokens of the KV head). Every
 // warp writes its (max, sum, output) triple; a second kernel merges them. The last split of each
-// head takes the full-precision residual window.
+// head takes the full-precision residual window. 16-bit queries of the common shapes take the
+// tensor-core kernel of kvcache_decode_mma.cuh instead, with the same partials and merge.
 #include "common.cuh"
+#include "kvcache_decode_mma.cuh"
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace engram {
@@ -298,6 +301,35 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
   out[(head * rows + r) * d + c] = static_cast<T>(acc / total);
 }
 
+bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
+mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
+  mma_decode::Args m;
+  m.key_codes = a.key_codes, m.value_codes = a.value_codes;
+  m.key_scale = a.key_scale, m.key_zero = a.key_zero, m.value_scale = a.value_scale, m.value_zero = a.value_zero;
+  m.part_m = a.part_m, m.part_l = a.part_l, m.part_acc = a.part_acc;
+  m.packed_len = a.packed_len, m.residual_len = a.residual_len, m.n_groups = a.n_groups;
+  m.tokens_per_split = a.tokens_per_split;
+  m.n_splits = a.n_splits, m.rows = a.rows, m.q_len = a.q_len, m.group = a.group;
+  m.scale = a.scale;
+  const int width = std::min(a.group, a.d), bytes = a.d * bits / 8;  // value group; channels per plane
+  m.value_groups = a.d / width;
+  for (int i = 0; i < 4; ++i) {
+    m.plane_group[i] = i * bytes / width;
+    m.plane_first[i] = m.plane_group[i] * width / bytes;
+  }
+  return m;
+}
+
+static_assert(kWarps == mma_decode::kWarps, "both decode kernels write kWarps partials per block");
+
+template <typename T>
+void launch_tensor_cores(const Tensor& query, const Tensor& rk, const Tensor& rv, const DecodeArgs& a, int64_t heads,
+                         int64_t bits, int64_t d) {
+  if constexpr (!std::is_same_v<T, float>)  // mma_decode::supported admits 16-bit queries only
+    mma_decode::dispatch<T>(query, rk, rv, mma_args(a, static_cast<int>(bits)), heads, bits, d);
+}
+
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
 }
@@ -443,8 +475,13 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.part_l = part_l.data_ptr<float>();
   a.part_acc = part_acc.data_ptr<float>();
   auto out = at::empty_like(query);
+  const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
+                            aligned(key_codes, 16) && aligned(value_codes, 8) && aligned(key_scale, 8) &&
+                            aligned(key_zero, 8) && aligned(residual_keys, 8);
   ENGRAM_DISPATCH_FLOATS(query.scalar_type(), "kv_decode_attention", [&] {
-    if (bits == 4) {
+    if (tensor_cores) {
+      launch_tensor_cores<scalar_t>(query, residual_keys, residual_values, a, heads, bits, d);
+    } else if (bits == 4) {
       launch_decode_channels<scalar_t, 4>(query, residual_keys, residual_values, a, heads);
     } else {
       launch_decode_channels<scalar_t, 2>(query, residual_keys, residual_values, a, heads);

@@ -1,4 +1,5 @@
-"""`cuda` backend: the CUDA kernels in csrc/cuda/kvcache.cu (fp32 math, fp16 scales).
+"""`cuda` backend: the CUDA kernels in csrc/cuda/kvcache.cu (fp32 math, fp16 scales); decode attention
+with 16-bit queries and up to 8 query rows per KV head runs on tensor cores (kvcache_decode_mma.cuh).
 
 Importable without a GPU: the extension is only looked up when a kernel is called. Shapes beyond the
 decode kernel's limits (head dims other than 64 and 128, more than DECODE_MAX_ROWS query rows per

@@ -173,15 +173,26 @@ def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups,
 
 
 @triton.jit
-def _codes(byte, i: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr, OPERAND: tl.constexpr):
-    """Bit plane i of int16 packed bytes as dot operands. With MAGIC_BITS (16-bit operands) the
+def _codes(byte, i: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr, OPERAND: tl.constexpr,
+           ASM: tl.constexpr):
+    """Bit plane i of packed bytes (uint8) as dot operands. With MAGIC_BITS (16-bit operands) a
     code becomes the low mantissa bits of a constant whose mantissa unit is 1 (bf16 0x4300 = 128,
-    fp16 0x6400 = 1024): an and, an or and a bitcast give MAGIC + code with no int-to-float
-    conversion; callers subtract MAGIC times their operand sums. Otherwise the plain code."""
-    code = (byte >> (i * BITS)) & ((1 << BITS) - 1)
-    if MAGIC_BITS:
-        return (code | MAGIC_BITS).to(tl.int16).to(OPERAND, bitcast=True)
-    return code.to(OPERAND)
+    fp16 0x6400 = 1024): MAGIC + code, with no int-to-float conversion; callers subtract MAGIC times
+    their operand sums. On GPUs `ASM` (see _plane_asm) does it four bytes per instruction; the
+    interpreter takes the same bits one element at a time. Without MAGIC_BITS: the plain code."""
+    # one return: Triton checks every return's type, including those of branches it does not compile
+    if ASM != "":
+        if MAGIC_BITS == 0x4300:  # a literal dtype: inline_asm_elementwise takes no constexpr-wrapped one
+            out = tl.inline_asm_elementwise(ASM, "=r,=r,r", [byte], dtype=tl.bfloat16, is_pure=True, pack=4)
+        else:
+            out = tl.inline_asm_elementwise(ASM, "=r,=r,r", [byte], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        code = (byte.to(tl.int16) >> (i * BITS)) & ((1 << BITS) - 1)
+        if MAGIC_BITS:
+            out = (code | MAGIC_BITS).to(tl.int16).to(OPERAND, bitcast=True)
+        else:
+            out = code.to(OPERAND)
+    return out
 
 
 @triton.jit
@@ -195,25 +206,25 @@ def _softmax_step(s, m, l):
 
 
 @triton.jit
-def _packed_scores(q_ptr, kbytes, ks_ptr, kz_ptr, group_row, valid, i: tl.constexpr, P: tl.constexpr,
+def _packed_scores(s, bias, q, kbytes, ks_ptr, kz_ptr, group_row, valid, i: tl.constexpr, P: tl.constexpr,
                    BITS: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, OPERAND: tl.constexpr,
-                   PRECISION: tl.constexpr):
-    """Plane i's part of q . k for a key tile in one group: q . (c s + z) = (q s) . c + q . z, so the
-    per-channel scale folds into the query and the codes go into the dot as they are.
-    q_ptr points at the plane's first channel of each query row (rows x P, fp32 after loading)."""
+                   ASM: tl.constexpr, PRECISION: tl.constexpr):
+    """Adds plane i's part of q . k for a key tile in one group: q . (c s + z) = (q s) . c + q . z,
+    so the per-channel scale folds into the query (rows x P, fp32: the plane's channels) and the
+    codes go into the dot as they are. The row constants (q . z, minus MAGIC times the operand's
+    sum) gather in `bias` (rows x P), reduced once per tile."""
     cp = tl.arange(0, P)
-    q = tl.load(q_ptr + cp[None, :]).to(tl.float32)
     scale = tl.load(ks_ptr + group_row + i * P + cp, mask=valid & (cp < P), other=0.0).to(tl.float32)
     zero = tl.load(kz_ptr + group_row + i * P + cp, mask=valid & (cp < P), other=0.0).to(tl.float32)
     qs = (q * scale[None, :]).to(OPERAND)
-    s = tl.dot(qs, tl.trans(_codes(kbytes, i, BITS, MAGIC_BITS, OPERAND)), input_precision=PRECISION)
-    return s + (tl.sum(q * zero[None, :], axis=1) - MAGIC * tl.sum(qs.to(tl.float32), axis=1))[:, None]
+    s += tl.dot(qs, tl.trans(_codes(kbytes, i, BITS, MAGIC_BITS, OPERAND, ASM)), input_precision=PRECISION)
+    return s, bias + q * zero[None, :] - MAGIC * qs.to(tl.float32)
 
 
 @triton.jit
 def _packed_values(acc, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, i: tl.constexpr, P: tl.constexpr,
                    GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, MAGIC_BITS: tl.constexpr,
-                   MAGIC: tl.constexpr, OPERAND: tl.constexpr, PRECISION: tl.constexpr):
+                   MAGIC: tl.constexpr, OPERAND: tl.constexpr, ASM: tl.constexpr, PRECISION: tl.constexpr):
     """acc (ROWS, P) of plane i (channels i*P ..) <- corr * acc + p . values. When the plane lies in
     one value group, p . (c s + z) = (p s) . c + p . z: the token's scale folds into p. Otherwise
     (groups narrower than a plane) the values are dequantized per channel first."""
@@ -224,13 +235,19 @@ def _packed_values(acc, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, i: tl.constex
         scale = tl.load(vs_ptr + at, mask=ok, other=0.0).to(tl.float32)
         zero = tl.load(vz_ptr + at, mask=ok, other=0.0).to(tl.float32)
         ps = (p * scale[None, :]).to(OPERAND)
-        acc += tl.dot(ps, _codes(vbytes, i, BITS, MAGIC_BITS, OPERAND), input_precision=PRECISION)
-        return acc + (tl.sum(p * zero[None, :], axis=1) - MAGIC * tl.sum(ps.to(tl.float32), axis=1))[:, None]
+        acc += tl.dot(ps, _codes(vbytes, i, BITS, MAGIC_BITS, OPERAND, ASM), input_precision=PRECISION)
+        return acc + tl.sum(p * zero[None, :] - MAGIC * ps.to(tl.float32), axis=1)[:, None]
     at = rows[:, None] * NG + ((i * P + tl.arange(0, P)) // GV)[None, :]
     scale = tl.load(vs_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
     zero = tl.load(vz_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
-    v = _codes(vbytes, i, BITS, 0, tl.float32) * scale + zero
+    v = _codes(vbytes, i, BITS, 0, tl.float32, "") * scale + zero
     return acc + tl.dot(p.to(OPERAND), v.to(OPERAND), input_precision=PRECISION)
+
+
+@triton.jit
+def _residual_scores(q, rk_ptr, at, ok, i: tl.constexpr, P: tl.constexpr, PRECISION: tl.constexpr):
+    k = tl.load(rk_ptr + at + i * P, mask=ok[:, None], other=0.0)
+    return tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PRECISION)
 
 
 @triton.jit
@@ -274,8 +291,8 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
                    out_ptr, packed_len, residual_len, n_groups, n_splits, scale, TILES: tl.constexpr,
                    N_REP: tl.constexpr, Q_LEN: tl.constexpr, ROWS_PAD: tl.constexpr, G: tl.constexpr,
                    GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                   MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   MAGIC_BITS: tl.constexpr, MAGIC: tl.constexpr, ASM0: tl.constexpr, ASM1: tl.constexpr,
+                   ASM2: tl.constexpr, ASM3: tl.constexpr, MERGE_CHUNK: tl.constexpr, PRECISION: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)  # head = b * Hkv + kv head
     ROWS: tl.constexpr = N_REP * Q_LEN
     P: tl.constexpr = D * BITS // 8  # bytes per token = channels per bit plane
@@ -286,8 +303,16 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
     j = tl.arange(0, BLOCK)
     real = r < ROWS
     # The KV head's query rows are contiguous in (B, Hq, Tq, D): N_REP heads x Q_LEN tokens. Padding
-    # rows read row 0 (in bounds, results never stored); the softmax scale goes into the queries.
-    q_rows = q_ptr + (head * ROWS + tl.where(real, r, 0))[:, None] * D
+    # rows read row 0 (in bounds, results never stored). Each plane's channels of the queries are
+    # loaded once, in fp32, with the softmax scale in them (int2's planes 2 and 3 only with 4 planes).
+    q_rows = q_ptr + (head * ROWS + tl.where(real, r, 0))[:, None] * D + cp[None, :]
+    q0 = tl.load(q_rows).to(tl.float32) * scale
+    q1 = tl.load(q_rows + P).to(tl.float32) * scale
+    q2 = q0
+    q3 = q1
+    if PER == 4:
+        q2 = tl.load(q_rows + 2 * P).to(tl.float32) * scale
+        q3 = tl.load(q_rows + 3 * P).to(tl.float32) * scale
     limit = packed_len + residual_len - Q_LEN + r % Q_LEN  # last position each row may see
     m = tl.full([ROWS_PAD], float("-inf"), tl.float32)
     l = tl.zeros([ROWS_PAD], tl.float32)
@@ -306,28 +331,31 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         rows = head * packed_len + tok
         group_row = (head * n_groups + t0 // G) * D
         valid = t0 < packed_len  # a split's tail tiles lie past the last group
-        kbytes = tl.load(kc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0).to(tl.int16)
-        s = _packed_scores(q_rows, kbytes, ks_ptr, kz_ptr, group_row, valid, 0, P, BITS, MAGIC_BITS, MAGIC,
-                           OPERAND, PRECISION)
-        s += _packed_scores(q_rows + P, kbytes, ks_ptr, kz_ptr, group_row, valid, 1, P, BITS, MAGIC_BITS, MAGIC,
-                            OPERAND, PRECISION)
+        kbytes = tl.load(kc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
+        s = tl.zeros([ROWS_PAD, BLOCK], tl.float32)
+        bias = tl.zeros([ROWS_PAD, P], tl.float32)
+        s, bias = _packed_scores(s, bias, q0, kbytes, ks_ptr, kz_ptr, group_row, valid, 0, P, BITS, MAGIC_BITS,
+                                 MAGIC, OPERAND, ASM0, PRECISION)
+        s, bias = _packed_scores(s, bias, q1, kbytes, ks_ptr, kz_ptr, group_row, valid, 1, P, BITS, MAGIC_BITS,
+                                 MAGIC, OPERAND, ASM1, PRECISION)
         if PER == 4:
-            s += _packed_scores(q_rows + 2 * P, kbytes, ks_ptr, kz_ptr, group_row, valid, 2, P, BITS, MAGIC_BITS,
-                                MAGIC, OPERAND, PRECISION)
-            s += _packed_scores(q_rows + 3 * P, kbytes, ks_ptr, kz_ptr, group_row, valid, 3, P, BITS, MAGIC_BITS,
-                                MAGIC, OPERAND, PRECISION)
-        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s * scale, float("-inf"))
+            s, bias = _packed_scores(s, bias, q2, kbytes, ks_ptr, kz_ptr, group_row, valid, 2, P, BITS, MAGIC_BITS,
+                                     MAGIC, OPERAND, ASM2, PRECISION)
+            s, bias = _packed_scores(s, bias, q3, kbytes, ks_ptr, kz_ptr, group_row, valid, 3, P, BITS, MAGIC_BITS,
+                                     MAGIC, OPERAND, ASM3, PRECISION)
+        s += tl.sum(bias, axis=1)[:, None]
+        s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
         p, m, l, corr = _softmax_step(s, m, l)
-        vbytes = tl.load(vc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0).to(tl.int16)
+        vbytes = tl.load(vc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
         acc0 = _packed_values(acc0, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 0, P, GV, D, BITS, MAGIC_BITS,
-                              MAGIC, OPERAND, PRECISION)
+                              MAGIC, OPERAND, ASM0, PRECISION)
         acc1 = _packed_values(acc1, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 1, P, GV, D, BITS, MAGIC_BITS,
-                              MAGIC, OPERAND, PRECISION)
+                              MAGIC, OPERAND, ASM1, PRECISION)
         if PER == 4:
             acc2 = _packed_values(acc2, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 2, P, GV, D, BITS, MAGIC_BITS,
-                                  MAGIC, OPERAND, PRECISION)
+                                  MAGIC, OPERAND, ASM2, PRECISION)
             acc3 = _packed_values(acc3, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 3, P, GV, D, BITS, MAGIC_BITS,
-                                  MAGIC, OPERAND, PRECISION)
+                                  MAGIC, OPERAND, ASM3, PRECISION)
 
     t0 = 0
     r_end = tl.where(split == n_splits - 1, residual_len, 0)  # the last split takes the residual window
@@ -335,12 +363,11 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         tok = t0 + j
         ok = tok < r_end
         at = (head * residual_len + tok)[:, None] * D + cp[None, :]
-        s = tl.zeros([ROWS_PAD, BLOCK], tl.float32)
-        for i in tl.static_range(PER):
-            q = tl.load(q_rows + i * P + cp[None, :])
-            k = tl.load(rk_ptr + at + i * P, mask=ok[:, None], other=0.0)
-            s += tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s * scale, float("-inf"))
+        s = _residual_scores(q0, rk_ptr, at, ok, 0, P, PRECISION) + _residual_scores(q1, rk_ptr, at, ok, 1, P, PRECISION)
+        if PER == 4:
+            s += _residual_scores(q2, rk_ptr, at, ok, 2, P, PRECISION) + _residual_scores(q3, rk_ptr, at, ok, 3, P,
+                                                                                          PRECISION)
+        s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
         p, m, l, corr = _softmax_step(s, m, l)
         acc0 = _residual_step(acc0, corr, p, rv_ptr, at, ok, 0, P, PRECISION)
         acc1 = _residual_step(acc1, corr, p, rv_ptr, at, ok, 1, P, PRECISION)
@@ -480,6 +507,26 @@ def _decode_block(group_size):
 
 # A 16-bit code c or-ed into these bits reads as MAGIC + c (see _codes); fp32 operands take plain codes.
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+def _plane_asm(bits, plane, magic_bits):
+    """PTX for inline_asm_elementwise(pack=4): four packed bytes in $2 -> their plane-`plane` codes
+    as four 16-bit magic + code values, elements 0, 1 in $0 and 2, 3 in $1 (low half first)."""
+    mask = ((1 << bits) - 1) * 0x01010101
+    high = (magic_bits >> 8) * 0x01010101
+    return ("{ .reg .b32 t, h; "
+            f"shr.b32 t, $2, {plane * bits}; and.b32 t, t, {mask:#x}; mov.b32 h, {high:#x}; "
+            "prmt.b32 $0, t, h, 0x5140; prmt.b32 $1, t, h, 0x7362; }")
+
+
+USE_PTX = os.environ.get("ENGRAM_KV_PTX", "1") != "0"  # 0: the bit path the interpreter checks, on GPUs too
+
+
+def _asm(bits, magic_bits, device):
+    """The four planes' PTX strings ("" = no inline PTX: the interpreter, fp32 operands, unused planes)."""
+    if not (magic_bits and device.type == "cuda" and USE_PTX):
+        return ("",) * 4
+    return tuple(_plane_asm(bits, i, magic_bits) if i < 8 // bits else "" for i in range(4))
+
+
 _MERGE_CHUNK = 32  # splits the merge reads per step
 _COUNTERS = {}  # device -> int32 zeros, one per (batch, KV head): splits finished in the running call
 
@@ -505,6 +552,7 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
     out = torch.empty_like(query)
     counters = _counters(query.device, heads)  # shared by calls on one device: one stream at a time
     magic_bits, magic = _MAGIC.get(query.dtype, (0, 0.0))
+    asm = _asm(bits, magic_bits, query.device)
 
     def run(launch):
         tiles, warps, stages = launch
@@ -514,10 +562,10 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
             query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
             residual_values, scratch, counters, out, packed_len, residual_len, triton.cdiv(packed_len, group_size),
             n_splits, scale, tiles, n_rep, tq, max(_MIN_ROWS, triton.next_power_of_2(rows)), group_size,
-            naive.value_group(d, group_size), d, bits, block, magic_bits, magic, _MERGE_CHUNK,
+            naive.value_group(d, group_size), d, bits, block, magic_bits, magic, *asm, _MERGE_CHUNK,
             _precision(), num_warps=warps, num_stages=stages)
 
-    bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size)
+    bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size, asm[0] != "")
     launch = _launch_config(query.device, heads, packed_len, blocks, bucket, run)
     with _on(query.device):
         run(launch)

@@ -1,0 +1,427 @@
+// Decode attention from the packed KV cache on tensor cores (mma.sync m16n8k16, sm_80+), for 16-bit
+// queries. Included by kvcache.cu, whose split-K partials and merge kernel it shares.
+//
+// Each warp walks 16-token slabs of its block's split and computes S^T = Q K^T (query rows x 16
+// tokens: two 16x8 C tiles) and O += P V (query rows x D), so outside the mma no lane works on a
+// padding row. The order of the mma's k index is free, so it follows the bytes of the planar
+// layout: for S a lane loads one token's P/4 contiguous bytes and each 32-bit word of them is one
+// k-step of B per bit plane; for P V a lane loads P/8 contiguous bytes of four tokens and byte q of
+// plane i is output column (channel) i*P + lane_row*P/8 + q. A code becomes an operand by and, prmt
+// (and an or on the value side): it is placed under a constant high byte, so the 16-bit value reads
+// MAGIC + code (bf16 128, fp16 1024); MAGIC times each row's operand sum is subtracted once. Key
+// scales fold into the queries once per group, value scales into the softmax weights per token
+// (which needs every value group to cover whole bit planes); zero points add as row constants.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace engram {
+namespace mma_decode {
+
+template <typename T>
+struct Operand;
+
+template <>
+struct Operand<at::BFloat16> {
+  static constexpr uint32_t kHighBytes = 0x43434343u;  // bf16 0x43XX = 128 + XX for XX < 128
+  static constexpr float kMagic = 128.f;
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static float rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct Operand<at::Half> {
+  static constexpr uint32_t kHighBytes = 0x64646464u;  // fp16 0x64XX = 1024 + XX
+  static constexpr float kMagic = 1024.f;
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ static float rounded(float x) { return __half2float(__float2half_rn(x)); }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t plane(uint32_t word, int i) {
+  constexpr uint32_t kMask = ((1u << BITS) - 1) * 0x01010101u;
+  return (word >> (i * BITS)) & kMask;
+}
+
+// Loads n bytes (4, 8 or 16; aligned) as 32-bit words, or zeros.
+template <int WORDS>
+__device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* p, bool valid) {
+  if constexpr (WORDS == 4) {
+    const uint4 v = valid ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (WORDS == 2) {
+    const uint2 v = valid ? __ldg(reinterpret_cast<const uint2*>(p)) : make_uint2(0, 0);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    w[0] = valid ? __ldg(reinterpret_cast<const uint32_t*>(p)) : 0u;
+  }
+}
+
+struct Args {
+  const uint8_t *key_codes, *value_codes;
+  const __half *key_scale, *key_zero, *value_scale, *value_zero;
+  float *part_m, *part_l, *part_acc;  // (heads, splits, kWarps, rows[, d])
+  int64_t packed_len, residual_len, n_groups, tokens_per_split;
+  int n_splits, rows, q_len, group;
+  float scale;
+  // value groups per token, and per bit plane: its value group, and the first plane of that group
+  // (host-computed: no integer division by a runtime group size in the token loop)
+  int value_groups, plane_group[4], plane_first[4];
+};
+
+// One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
+// in O^T (channels x query rows) rows 2t and 2t + 1.
+template <typename T, int BITS, int D>
+struct Warp {
+  static constexpr int P = D * BITS / 8;   // bytes per token
+  static constexpr int PER = 8 / BITS;     // bit planes
+  static constexpr int KSTEPS = D / 16;    // k-steps of S^T: (plane, word of the lane's P/4 bytes)
+  static constexpr int KWORDS = P / 16;    // words per lane per token for S^T
+  static constexpr int VBYTES = P / 8;     // bytes per lane per token for O^T = V^T P^T
+  static constexpr int VWORDS = VBYTES / 4;
+  static constexpr int MTILES = D / 16;    // O^T row tiles: (plane, byte pair of the lane's VBYTES)
+  using Op = Operand<T>;
+
+  int g, t;
+  float q[KSTEPS][4];      // query row g * softmax scale at the channels of the lane's k positions
+  uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
+  float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
+  float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
+  float m, l;              // row g: running max; this lane's share of the running sum
+  float zsum[PER];         // row g, per plane: sum of p * value zero - MAGIC * sum of B operands
+
+  // Channel of k position (t, e) of k-step kk: e 0, 1 -> k 2t, 2t + 1; e 2, 3 -> 2t + 8, 2t + 9.
+  __device__ __forceinline__ static int key_channel(int kk, int t, int e) {
+    return (kk / KWORDS) * P + t * (P / 4) + (kk % KWORDS) * 4 + e;
+  }
+  // Channel of row r (0..15) of O^T tile mm: plane mm / (VBYTES / 2), byte pair mm % (VBYTES / 2).
+  __device__ __forceinline__ static int out_channel(int mm, int r) {
+    return (mm / (VBYTES / 2)) * P + (r % 8) * VBYTES + 2 * (mm % (VBYTES / 2)) + r / 8;
+  }
+
+  __device__ __forceinline__ void init(const T* query, int64_t head, const Args& a, int lane) {
+    g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        q[kk][e] = g < a.rows ? static_cast<float>(query[(head * a.rows + g) * D + key_channel(kk, t, e)]) * a.scale
+                              : 0.f;
+    m = -INFINITY, l = 0.f;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) zsum[i] = 0.f;
+#pragma unroll
+    for (int mm = 0; mm < MTILES; ++mm)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mm][e] = 0.f;
+  }
+
+  // A fragments for one key group (scale, zero: the group's (D,) rows; null: the residual window).
+  __device__ __forceinline__ void set_group(const __half* scale, const __half* zero) {
+    float part = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      float s[4] = {1.f, 1.f, 1.f, 1.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
+      if (scale != nullptr) {
+        const int c = key_channel(kk, t, 0);  // the lane's four channels are contiguous
+        const uint2 sv = __ldg(reinterpret_cast<const uint2*>(scale + c));
+        const uint2 zv = __ldg(reinterpret_cast<const uint2*>(zero + c));
+        const __half* sh = reinterpret_cast<const __half*>(&sv);
+        const __half* zh = reinterpret_cast<const __half*>(&zv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[e] = __half2float(sh[e]), z[e] = __half2float(zh[e]);
+      }
+      float qs[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        qs[e] = q[kk][e] * s[e];
+        part += q[kk][e] * z[e] - Op::kMagic * Op::rounded(qs[e]);
+      }
+      qa[kk][0] = Op::pack(qs[0], qs[1]);
+      qa[kk][1] = Op::pack(qs[2], qs[3]);
+    }
+    part += __shfl_xor_sync(kFullMask, part, 1);
+    part += __shfl_xor_sync(kFullMask, part, 2);
+    bias = scale != nullptr ? part : 0.f;  // the residual window has no codes: no MAGIC either
+  }
+
+  __device__ __forceinline__ void mma_s(float (&d)[4], int kk, uint32_t b0, uint32_t b1) const {
+    const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
+    Op::mma(d, a, b0, b1);
+  }
+
+  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e; e 2, 3 are the
+  // padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g may see; `pos0`:
+  // the slab's first position; `valid`: tokens of the slab that exist.
+  __device__ __forceinline__ void softmax(float (&s)[2][4], int64_t pos0, int valid, int64_t last) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = 8 * nt + 2 * t + e;
+        float& v = s[nt][e];
+        v = (tok < valid && pos0 + tok <= last) ? v + bias : -INFINITY;
+        mx = fmaxf(mx, v);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
+    const float m_new = fmaxf(m, mx);
+    const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet
+    const float alpha = __expf(m - m_safe);
+    m = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        s[nt][e] = __expf(s[nt][e] - m_safe);
+        sum += s[nt][e];
+      }
+    l = l * alpha + sum;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) zsum[i] *= alpha;
+    // O^T columns are query rows 2t, 2t + 1: their factors live in quads 2t, 2t + 1. Once the running
+    // maxima settle no row's factor differs from 1 and the warp skips the rescale.
+    if (__any_sync(kFullMask, alpha != 1.f)) {
+      const float alpha0 = __shfl_sync(kFullMask, alpha, 8 * t), alpha1 = __shfl_sync(kFullMask, alpha, 8 * t + 4);
+#pragma unroll
+      for (int mm = 0; mm < MTILES; ++mm)
+        o[mm][0] *= alpha0, o[mm][1] *= alpha1, o[mm][2] *= alpha0, o[mm][3] *= alpha1;
+    }
+  }
+
+  // B fragment of P^T (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 x row g) times per-token factors f;
+  // returns the row's sum(p * add) - MAGIC * sum(B operands) when `codes`.
+  __device__ __forceinline__ float p_fragment(uint32_t (&pb)[2], const float (&p)[2][4], const float (&f)[4],
+                                              const float (&add)[4], bool codes) const {
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = p[k / 2][k % 2] * f[k];
+    pb[0] = Op::pack(v[0], v[1]);
+    pb[1] = Op::pack(v[2], v[3]);
+    float zs = 0.f;
+    if (codes) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) zs += p[k / 2][k % 2] * add[k] - Op::kMagic * Op::rounded(v[k]);
+    }
+    return zs;
+  }
+
+  // One 16-token slab of the packed store starting at token `tok0` (`valid` of them exist).
+  __device__ __forceinline__ void packed_slab(int64_t head, int64_t tok0, int valid, const Args& a, int64_t last) {
+    const int64_t row0 = head * a.packed_len + tok0;
+    float s[2][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      uint32_t w[KWORDS];
+      const int tok = 8 * nt + g;
+      load_words(w, a.key_codes + (row0 + tok) * P + t * (P / 4), tok < valid);
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        const uint32_t x = plane<BITS>(w[kk % KWORDS], kk / KWORDS);
+        mma_s(s[nt], kk, prmt(x, Op::kHighBytes, 0x5140), prmt(x, Op::kHighBytes, 0x7362));
+      }
+    }
+    softmax(s, tok0, valid, last);
+
+    const int slot_tok[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+    uint32_t vw[4][VWORDS];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      load_words(vw[k], a.value_codes + (row0 + slot_tok[k]) * P + g * VBYTES, slot_tok[k] < valid);
+    uint32_t pb[PER][2];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      if (a.plane_first[i] != i) {  // same value group as the previous plane
+        pb[i][0] = pb[i - 1][0], pb[i][1] = pb[i - 1][1];
+        continue;
+      }
+      float f[4], add[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const bool ok = slot_tok[k] < valid;
+        const int64_t at = (row0 + slot_tok[k]) * a.value_groups + a.plane_group[i];
+        f[k] = ok ? __half2float(__ldg(a.value_scale + at)) : 0.f;
+        add[k] = ok ? __half2float(__ldg(a.value_zero + at)) : 0.f;
+      }
+      zsum[i] += p_fragment(pb[i], s, f, add, true);  // kept on the group's first plane only
+    }
+#pragma unroll
+    for (int mm = 0; mm < MTILES; ++mm) {
+      const int i = mm / (VBYTES / 2), byte = 2 * (mm % (VBYTES / 2));
+      uint32_t frag[4];  // rows g, g + 8 = bytes byte, byte + 1; tokens 2t, 2t + 1 | 2t + 8, 2t + 9
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t lo = plane<BITS>(vw[2 * h][byte / 4], i), hi = plane<BITS>(vw[2 * h + 1][byte / 4], i);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t j = byte % 4 + r;  // byte j of both tokens' words into the halves' low bytes
+          frag[2 * h + r] = (prmt(lo, hi, j | ((j + 4) << 8)) & 0x00ff00ffu) | (Op::kHighBytes & 0xff00ff00u);
+        }
+      }
+      Op::mma(o[mm], frag, pb[i][0], pb[i][1]);
+    }
+  }
+
+  // One 16-token slab of the full-precision residual window (tokens tok0 .., `valid` exist).
+  __device__ __forceinline__ void residual_slab(const T* rk, const T* rv, int64_t head, int64_t tok0, int valid,
+                                                const Args& a, int64_t last) {
+    const T* keys = rk + (head * a.residual_len + tok0) * D;
+    const T* values = rv + (head * a.residual_len + tok0) * D;
+    float s[2][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const int tok = 8 * nt + g;
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        const T* k = keys + tok * D + key_channel(kk, t, 0);
+        const uint32_t b0 = tok < valid ? __ldg(reinterpret_cast<const uint32_t*>(k)) : 0u;
+        const uint32_t b1 = tok < valid ? __ldg(reinterpret_cast<const uint32_t*>(k + 2)) : 0u;
+        mma_s(s[nt], kk, b0, b1);
+      }
+    }
+    softmax(s, a.packed_len + tok0, valid, last);
+    const float ones[4] = {1.f, 1.f, 1.f, 1.f};
+    uint32_t pb[2];
+    p_fragment(pb, s, ones, ones, false);
+    const int slot_tok[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+#pragma unroll
+    for (int mm = 0; mm < MTILES; ++mm) {
+      uint32_t frag[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int c = out_channel(mm, g + 8 * r);
+          uint32_t pair[2];
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int tok = slot_tok[2 * h + u];
+            pair[u] = tok < valid ? __ldg(reinterpret_cast<const unsigned short*>(values + tok * D + c)) : 0u;
+          }
+          frag[2 * h + r] = pair[0] | (pair[1] << 16);
+        }
+      Op::mma(o[mm], frag, pb[0], pb[1]);
+    }
+  }
+
+  // This warp's (max, sum, output) per real row into the split-K partials.
+  __device__ __forceinline__ void store(int64_t part, const Args& a) {
+    l += __shfl_xor_sync(kFullMask, l, 1);
+    l += __shfl_xor_sync(kFullMask, l, 2);
+    float z[2][PER];  // zsum of O^T's query rows 2t, 2t + 1 (from quads 2t, 2t + 1)
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      zsum[i] += __shfl_xor_sync(kFullMask, zsum[i], 1);
+      zsum[i] += __shfl_xor_sync(kFullMask, zsum[i], 2);
+      z[0][i] = __shfl_sync(kFullMask, zsum[i], 8 * t);
+      z[1][i] = __shfl_sync(kFullMask, zsum[i], 8 * t + 4);
+    }
+    if (g < a.rows && t == 0) a.part_m[part * a.rows + g] = m, a.part_l[part * a.rows + g] = l;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int row = 2 * t + e;
+      if (row >= a.rows) continue;
+      float* acc = a.part_acc + (part * a.rows + row) * D;
+#pragma unroll
+      for (int mm = 0; mm < MTILES; ++mm) {
+        const int first = a.plane_first[mm / (VBYTES / 2)];  // zsum is kept on a group's first plane
+        float zi = 0.f;
+#pragma unroll
+        for (int j = 0; j < PER; ++j) zi = j == first ? z[e][j] : zi;  // no runtime index: registers
+#pragma unroll
+        for (int r = 0; r < 2; ++r) acc[out_channel(mm, g + 8 * r)] = o[mm][2 * r + e] + zi;
+      }
+    }
+  }
+};
+
+constexpr int kWarps = 4;
+
+template <typename T, int BITS, int D>
+__global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restrict__ query,
+                                                                const T* __restrict__ residual_keys,
+                                                                const T* __restrict__ residual_values, Args a) {
+  const int64_t head = blockIdx.x;
+  const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  Warp<T, BITS, D> w;
+  w.init(query, head, a, lane);
+  const int64_t last = a.packed_len + a.residual_len - a.q_len + w.g % a.q_len;  // row g: query token g % q_len
+
+  // The split's packed tokens, a contiguous run of whole slabs per warp (key groups change rarely).
+  const int64_t t0 = split * a.tokens_per_split, t1 = min(t0 + a.tokens_per_split, a.packed_len);
+  const int64_t slabs = t1 > t0 ? (t1 - t0 + 15) / 16 : 0, per_warp = (slabs + kWarps - 1) / kWarps;
+  int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
+  for (int64_t sl = warp * per_warp; sl < min(slabs, (warp + 1) * per_warp); ++sl) {
+    const int64_t tok0 = t0 + 16 * sl;
+    if (tok0 >= next_group) {
+      const int64_t group = tok0 / a.group;
+      next_group = (group + 1) * a.group;
+      const int64_t at = (head * a.n_groups + group) * D;
+      w.set_group(a.key_scale + at, a.key_zero + at);
+    }
+    w.packed_slab(head, tok0, static_cast<int>(min(int64_t{16}, t1 - tok0)), a, last);
+  }
+  if (split == a.n_splits - 1 && a.residual_len > 0) {
+    w.set_group(nullptr, nullptr);
+    for (int64_t tok0 = 16 * warp; tok0 < a.residual_len; tok0 += 16 * kWarps)
+      w.residual_slab(residual_keys, residual_values, head, tok0,
+                      static_cast<int>(min(int64_t{16}, a.residual_len - tok0)), a, last);
+  }
+  w.store((head * a.n_splits + split) * kWarps + warp, a);
+}
+
+// Whether the tensor-core kernel takes these shapes: 16-bit queries, head dim 64 or 128 with at
+// least 4 bytes per lane for V^T P^T, key groups of whole slabs, value groups covering whole
+// planes, up to 8 query rows per KV head (the n of an m16n8k16 tile).
+inline bool supported(at::ScalarType dtype, int64_t d, int64_t bits, int64_t group, int64_t rows) {
+  const int64_t p = d * bits / 8, gv = std::min(group, d);
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && (d == 64 || d == 128) && p / 8 >= 4 &&
+         group % 16 == 0 && gv % p == 0 && rows <= 8;
+}
+
+template <typename T, int BITS, int D>
+void launch(const at::Tensor& query, const at::Tensor& rk, const at::Tensor& rv, const Args& a, int64_t heads) {
+  decode_kernel<T, BITS, D><<<dim3(heads, a.n_splits), kWarps * kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      query.data_ptr<T>(), rk.data_ptr<T>(), rv.data_ptr<T>(), a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch(const at::Tensor& query, const at::Tensor& rk, const at::Tensor& rv, const Args& a, int64_t heads,
+              int64_t bits, int64_t d) {
+  if (bits == 4 && d == 128) return launch<T, 4, 128>(query, rk, rv, a, heads);
+  if (bits == 4 && d == 64) return launch<T, 4, 64>(query, rk, rv, a, heads);
+  launch<T, 2, 128>(query, rk, rv, a, heads);  // int2 needs d 128 (supported: 4 bytes per lane)
+}
+
+}  // namespace mma_decode
+}  // namespace engram

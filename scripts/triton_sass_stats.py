@@ -1,0 +1,89 @@
+"""Compiles the Triton KV decode kernel for an H100 (sm_90) on a machine without a GPU and prints what
+the compiler made of it: registers, stack (spills), shared memory, and the instruction mix of each
+loop (backward branch) in the SASS. A static proxy for GPU time, for sessions without a device:
+fewer instructions per tile and no spills is what to aim for; only a GPU run says what it buys.
+
+    python scripts/triton_sass_stats.py [--bits 4] [--warps 4 8] [--stages 3] [--dtype bfloat16] [--no-ptx]
+
+Needs triton's bundled CUDA tools (ptxas, cuobjdump: triton/backends/nvidia/bin), no driver.
+"""
+import argparse
+import collections
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from engram_kernels.ops.kvcache import naive, triton_kernels
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+POINTERS = {"q_ptr": None, "kc_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "fp16", "vc_ptr": "u8", "vs_ptr": "fp16",
+            "vz_ptr": "fp16", "rk_ptr": None, "rv_ptr": None, "scratch_ptr": "fp32", "counter_ptr": "i32",
+            "out_ptr": None}
+SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_splits": "i32", "scale": "fp32"}
+TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64, head_dim=128):
+    fn = triton_kernels._decode_kernel
+    magic_bits, magic = triton_kernels._MAGIC.get(dtype, (0, 0.0))
+    triton_kernels.USE_PTX = ptx
+    asm = triton_kernels._asm(bits, magic_bits, torch.device("cuda"))
+    constants = dict(TILES=tiles, N_REP=n_rep, Q_LEN=1, ROWS_PAD=max(16, n_rep), G=group,
+                     GV=naive.value_group(head_dim, group), D=head_dim, BITS=bits,
+                     BLOCK=triton_kernels._decode_block(group), MAGIC_BITS=magic_bits, MAGIC=magic,
+                     ASM0=asm[0], ASM1=asm[1], ASM2=asm[2], ASM3=asm[3],
+                     MERGE_CHUNK=triton_kernels._MERGE_CHUNK, PRECISION="tf32")
+    signature = {}
+    for name in fn.arg_names:
+        if name in POINTERS:
+            signature[name] = "*" + (POINTERS[name] or TRITON_TYPES[dtype])
+        else:
+            signature[name] = SCALARS.get(name, "constexpr")
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
+                                                                           "num_stages": stages})
+
+
+def sass_stats(cubin):
+    path = Path("/tmp/engram_decode.cubin")
+    path.write_bytes(cubin)
+    usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    sass = subprocess.run([TOOLS / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+    code = [(int(m[1], 16), m[2], m[3]) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", sass)]
+    loops = []
+    for address, op, operands in code:
+        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+        if target and int(target[1], 16) < address:
+            body = collections.Counter(o.split(".")[0] for a, o, _ in code if int(target[1], 16) <= a <= address)
+            loops.append(body)
+    return resources, len(code), loops
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--no-ptx", action="store_true", help="codes by Triton bit ops (ENGRAM_KV_PTX=0)")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    for bits in args.bits:
+        for warps in args.warps:
+            kernel = compile_decode(bits, warps, args.stages, dtype, not args.no_ptx)
+            resources, total, loops = sass_stats(kernel.asm["cubin"])
+            print(f"int{bits} {args.dtype} {warps} warps {args.stages} stages: {resources}, {total} instructions")
+            for body in sorted(loops, key=lambda b: -sum(b.values()))[:2]:
+                print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(12))}")
+
+
+if __name__ == "__main__":
+    main()
