@@ -13,6 +13,7 @@ per family, each with its own --build-temp, builds them side by side: torch's ni
 per build directory, so `build_ext -j` over several extensions races); ENGRAM_CPU_ARCH sets -march (default: native, the machine that
 builds is the machine that runs an install from source).
 """
+import glob
 import os
 import shutil
 
@@ -35,6 +36,7 @@ def cuda_extension(cpp, family):
     return cpp.CUDAExtension(
         f"engram_kernels._C_{family}_cuda",
         [f"csrc/cuda/{family}_bindings.cpp", f"csrc/cuda/{family}.cu"],
+        depends=sorted(glob.glob("csrc/cuda/*.cuh")),  # a header edit rebuilds the extension
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
 

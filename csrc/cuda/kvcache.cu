@@ -468,12 +468,12 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.d = static_cast<int>(d);
   a.scale = static_cast<float>(scale);
   const int n_parts = a.n_splits * kWarps;
-  auto part_m = at::empty({heads, n_parts, rows}, query.options().dtype(at::kFloat));
-  auto part_l = at::empty_like(part_m);
-  auto part_acc = at::empty({heads, n_parts, rows, d}, query.options().dtype(at::kFloat));
-  a.part_m = part_m.data_ptr<float>();
-  a.part_l = part_l.data_ptr<float>();
-  a.part_acc = part_acc.data_ptr<float>();
+  // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
+  const int64_t stats = heads * n_parts * rows;
+  auto parts = at::empty({stats * (d + 2)}, query.options().dtype(at::kFloat));
+  a.part_m = parts.data_ptr<float>();
+  a.part_l = a.part_m + stats;
+  a.part_acc = a.part_l + stats;
   auto out = at::empty_like(query);
   const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
                             aligned(key_codes, 16) && aligned(value_codes, 8) && aligned(key_scale, 8) &&
