@@ -281,24 +281,55 @@ __global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restr
   }
 }
 
-// One block per (head, row), a thread per channel: merges the n_parts partial softmax states.
+constexpr int kMergeGroups = 4;  // thread groups of a merge block, each summing every 4th part
+
+// Block-wide reduction of one value per thread (max or sum); every thread gets the result.
+template <bool MAX>
+__device__ float block_reduce(float x, float* scratch) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const float y = __shfl_xor_sync(kFullMask, x, offset);
+    x = MAX ? fmaxf(x, y) : x + y;
+  }
+  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();  // scratch may still be read from a previous reduction
+  if (threadIdx.x % kWarp == 0) scratch[warp] = x;
+  __syncthreads();
+  x = MAX ? kNegInf : 0.f;
+  for (int w = 0; w < warps; ++w) x = MAX ? fmaxf(x, scratch[w]) : x + scratch[w];
+  return x;
+}
+
+// One block per (head, row), kMergeGroups x d threads: merges the n_parts partial softmax states.
+// The parts are spread over all threads (loads in flight at once, not one part after another).
 template <typename T>
 __global__ void merge_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l,
                              const float* __restrict__ part_acc, T* __restrict__ out, int n_parts, int rows, int d) {
-  const int64_t head = blockIdx.x;
-  const int r = blockIdx.y, c = threadIdx.x;
+  __shared__ float scratch[kMergeGroups * 128 / kWarp];
+  __shared__ float sums[kMergeGroups][128];
+  const int64_t head = blockIdx.x, first = head * n_parts;
+  const int r = blockIdx.y, c = threadIdx.x % d, group = threadIdx.x / d;
   float m_max = kNegInf;
-  for (int i = 0; i < n_parts; ++i) m_max = fmaxf(m_max, part_m[(head * n_parts + i) * rows + r]);
+  for (int i = threadIdx.x; i < n_parts; i += blockDim.x) m_max = fmaxf(m_max, part_m[(first + i) * rows + r]);
+  m_max = block_reduce<true>(m_max, scratch);
   float total = 0.f, acc = 0.f;
-  for (int i = 0; i < n_parts; ++i) {
-    const int64_t at = (head * n_parts + i) * rows + r;
-    const float m = part_m[at];
-    if (m == kNegInf) continue;
-    const float w = __expf(m - m_max);
-    total += w * part_l[at];
-    acc += w * part_acc[at * d + c];
+  for (int i = threadIdx.x; i < n_parts; i += blockDim.x) {
+    const float m = part_m[(first + i) * rows + r];
+    if (m != kNegInf) total += __expf(m - m_max) * part_l[(first + i) * rows + r];
   }
-  out[(head * rows + r) * d + c] = static_cast<T>(acc / total);
+  total = block_reduce<false>(total, scratch);
+#pragma unroll 4
+  for (int i = group; i < n_parts; i += kMergeGroups) {
+    const int64_t at = (first + i) * rows + r;
+    const float m = part_m[at];
+    if (m != kNegInf) acc += __expf(m - m_max) * part_acc[at * d + c];
+  }
+  sums[group][c] = acc;
+  __syncthreads();
+  if (group == 0) {
+    for (int g = 1; g < kMergeGroups; ++g) acc += sums[g][c];
+    out[(head * rows + r) * d + c] = static_cast<T>(acc / total);
+  }
 }
 
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
@@ -467,7 +498,10 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.gv = static_cast<int>(std::min<int64_t>(group, d));
   a.d = static_cast<int>(d);
   a.scale = static_cast<float>(scale);
-  const int n_parts = a.n_splits * kWarps;
+  const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
+                            aligned(key_codes, 16) && aligned(value_codes, 8) && aligned(key_scale, 8) &&
+                            aligned(key_zero, 8) && aligned(residual_keys, 8);
+  const int n_parts = tensor_cores ? a.n_splits : a.n_splits * kWarps;  // the mma kernel combines its warps
   // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
   const int64_t stats = heads * n_parts * rows;
   auto parts = at::empty({stats * (d + 2)}, query.options().dtype(at::kFloat));
@@ -475,9 +509,6 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.part_l = a.part_m + stats;
   a.part_acc = a.part_l + stats;
   auto out = at::empty_like(query);
-  const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
-                            aligned(key_codes, 16) && aligned(value_codes, 8) && aligned(key_scale, 8) &&
-                            aligned(key_zero, 8) && aligned(residual_keys, 8);
   ENGRAM_DISPATCH_FLOATS(query.scalar_type(), "kv_decode_attention", [&] {
     if (tensor_cores) {
       launch_tensor_cores<scalar_t>(query, residual_keys, residual_values, a, heads, bits, d);
@@ -486,7 +517,7 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
     } else {
       launch_decode_channels<scalar_t, 2>(query, residual_keys, residual_values, a, heads);
     }
-    merge_kernel<scalar_t><<<dim3(heads, rows), d, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    merge_kernel<scalar_t><<<dim3(heads, rows), kMergeGroups * d, 0, c10::cuda::getCurrentCUDAStream()>>>(
         a.part_m, a.part_l, a.part_acc, out.data_ptr<scalar_t>(), n_parts, a.rows, a.d);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

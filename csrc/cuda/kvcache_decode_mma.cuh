@@ -87,7 +87,7 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* 
 struct Args {
   const uint8_t *key_codes, *value_codes;
   const __half *key_scale, *key_zero, *value_scale, *value_zero;
-  float *part_m, *part_l, *part_acc;  // (heads, splits, kWarps, rows[, d])
+  float *part_m, *part_l, *part_acc;  // (heads, splits, rows[, d]): one partial per block
   int64_t packed_len, residual_len, n_groups, tokens_per_split;
   int n_splits, rows, q_len, group;
   float scale;
@@ -333,8 +333,8 @@ struct Warp {
     }
   }
 
-  // This warp's (max, sum, output) per real row into the split-K partials.
-  __device__ __forceinline__ void store(int64_t part, const Args& a) {
+  // This warp's (max, sum, output) of the real rows into m_out[row], l_out[row], acc_out[row * D + c].
+  __device__ __forceinline__ void store(float* m_out, float* l_out, float* acc_out, const Args& a) {
     l += __shfl_xor_sync(kFullMask, l, 1);
     l += __shfl_xor_sync(kFullMask, l, 2);
     float z[2][PER];  // zsum of O^T's query rows 2t, 2t + 1 (from quads 2t, 2t + 1)
@@ -345,12 +345,11 @@ struct Warp {
       z[0][i] = __shfl_sync(kFullMask, zsum[i], 8 * t);
       z[1][i] = __shfl_sync(kFullMask, zsum[i], 8 * t + 4);
     }
-    if (g < a.rows && t == 0) a.part_m[part * a.rows + g] = m, a.part_l[part * a.rows + g] = l;
+    if (g < a.rows && t == 0) m_out[g] = m, l_out[g] = l;
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int row = 2 * t + e;
       if (row >= a.rows) continue;
-      float* acc = a.part_acc + (part * a.rows + row) * D;
 #pragma unroll
       for (int mm = 0; mm < MTILES; ++mm) {
         const int first = a.plane_first[mm / (VBYTES / 2)];  // zsum is kept on a group's first plane
@@ -358,7 +357,7 @@ struct Warp {
 #pragma unroll
         for (int j = 0; j < PER; ++j) zi = j == first ? z[e][j] : zi;  // no runtime index: registers
 #pragma unroll
-        for (int r = 0; r < 2; ++r) acc[out_channel(mm, g + 8 * r)] = o[mm][2 * r + e] + zi;
+        for (int r = 0; r < 2; ++r) acc_out[row * D + out_channel(mm, g + 8 * r)] = o[mm][2 * r + e] + zi;
       }
     }
   }
@@ -396,7 +395,25 @@ __global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restr
       w.residual_slab(residual_keys, residual_values, head, tok0,
                       static_cast<int>(min(int64_t{16}, a.residual_len - tok0)), a, last);
   }
-  w.store((head * a.n_splits + split) * kWarps + warp, a);
+  // The block's warps combine their states in shared memory: one split-K partial per block.
+  __shared__ float m_s[kWarps][8], l_s[kWarps][8], acc_s[kWarps][8 * D];
+  w.store(m_s[warp], l_s[warp], acc_s[warp], a);
+  __syncthreads();
+  const int64_t part = head * a.n_splits + split;
+  for (int i = threadIdx.x; i < a.rows * D; i += kWarps * kWarp) {
+    const int row = i / D;
+    float m_max = -INFINITY;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) m_max = fmaxf(m_max, m_s[v][row]);
+    float l_sum = 0.f, acc = 0.f;
+#pragma unroll
+    for (int v = 0; v < kWarps; ++v) {
+      const float f = m_s[v][row] == -INFINITY ? 0.f : __expf(m_s[v][row] - m_max);
+      l_sum += f * l_s[v][row], acc += f * acc_s[v][i];
+    }
+    a.part_acc[part * a.rows * D + i] = acc;
+    if (i % D == 0) a.part_m[part * a.rows + row] = m_max, a.part_l[part * a.rows + row] = l_sum;
+  }
 }
 
 // Whether the tensor-core kernel takes these shapes: 16-bit queries, head dim 64 or 128 with at
