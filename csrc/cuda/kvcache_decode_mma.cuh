@@ -32,11 +32,15 @@ struct Operand<at::BFloat16> {
   }
   __device__ static float rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // supported() keeps pre-Ampere GPUs off this kernel
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -50,11 +54,15 @@ struct Operand<at::Half> {
   }
   __device__ static float rounded(float x) { return __half2float(__float2half_rn(x)); }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // supported() keeps pre-Ampere GPUs off this kernel
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
 };
 
@@ -416,13 +424,19 @@ __global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restr
   }
 }
 
+inline int compute_major() {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
+  return major;
+}
+
 // Whether the tensor-core kernel takes these shapes: 16-bit queries, head dim 64 or 128 with at
 // least 4 bytes per lane for V^T P^T, key groups of whole slabs, value groups covering whole
-// planes, up to 8 query rows per KV head (the n of an m16n8k16 tile).
+// planes, up to 8 query rows per KV head (the n of an m16n8k16 tile), on sm_80 or newer.
 inline bool supported(at::ScalarType dtype, int64_t d, int64_t bits, int64_t group, int64_t rows) {
   const int64_t p = d * bits / 8, gv = std::min(group, d);
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && (d == 64 || d == 128) && p / 8 >= 4 &&
-         group % 16 == 0 && gv % p == 0 && rows <= 8;
+         group % 16 == 0 && gv % p == 0 && rows <= 8 && compute_major() >= 8;
 }
 
 template <typename T, int BITS, int D>

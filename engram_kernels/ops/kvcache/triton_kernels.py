@@ -363,10 +363,11 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         tok = t0 + j
         ok = tok < r_end
         at = (head * residual_len + tok)[:, None] * D + cp[None, :]
-        s = _residual_scores(q0, rk_ptr, at, ok, 0, P, PRECISION) + _residual_scores(q1, rk_ptr, at, ok, 1, P, PRECISION)
+        s = _residual_scores(q0, rk_ptr, at, ok, 0, P, PRECISION)
+        s += _residual_scores(q1, rk_ptr, at, ok, 1, P, PRECISION)
         if PER == 4:
-            s += _residual_scores(q2, rk_ptr, at, ok, 2, P, PRECISION) + _residual_scores(q3, rk_ptr, at, ok, 3, P,
-                                                                                          PRECISION)
+            s += _residual_scores(q2, rk_ptr, at, ok, 2, P, PRECISION)
+            s += _residual_scores(q3, rk_ptr, at, ok, 3, P, PRECISION)
         s = tl.where(ok[None, :] & ((packed_len + tok)[None, :] <= limit[:, None]), s, float("-inf"))
         p, m, l, corr = _softmax_step(s, m, l)
         acc0 = _residual_step(acc0, corr, p, rv_ptr, at, ok, 0, P, PRECISION)
@@ -507,6 +508,8 @@ def _decode_block(group_size):
 
 # A 16-bit code c or-ed into these bits reads as MAGIC + c (see _codes); fp32 operands take plain codes.
 _MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
 def _plane_asm(bits, plane, magic_bits):
     """PTX for inline_asm_elementwise(pack=4): four packed bytes in $2 -> their plane-`plane` codes
     as four 16-bit magic + code values, elements 0, 1 in $0 and 2, 3 in $1 (low half first)."""
