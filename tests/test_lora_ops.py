@@ -92,6 +92,20 @@ def test_lora_linear_keeps_leading_dims_and_frozen_weight(case):
     assert xl.grad.shape == (3, 4, 16) and weight.grad is None
 
 
+@pytest.mark.parametrize("n, c, r", [(1, 8, 1), (37, 70, 4), (300, 130, 16), (257, 64, 64)])
+def test_dy_products_match_reference(case, n, c, r):
+    """The backward's one-pass (dy B, uᵀ dy) where a backend has it: row blocks and column splits
+    that do not divide the shapes, ranks 1..64."""
+    module = functional.backend_module(torch.device(case[1]))
+    kernel = getattr(getattr(module, "_Kernels", None), "dy_products", None)
+    if kernel is None:
+        pytest.skip(f"{case[0]} computes the two products with separate GEMMs")
+    gen = torch.Generator().manual_seed(n + c + r)
+    grad_y, lora_b, u = (torch.randn(*shape, generator=gen).to(case[1]) for shape in ((n, c), (c, r), (n, r)))
+    for got, expected in zip(kernel(grad_y, lora_b, u), naive.dy_products(grad_y, lora_b, u)):
+        torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_dropout_matches_reference_mask(case, p):
     shape = (24, 48, 32, 8)
@@ -350,6 +364,9 @@ for dtype in ("bf16", "fp16", "fp32"):
          dict(TILE_ROWS=256, BN=64, **shape)),
         (tk._dropout_kernel, dict(x_ptr="*T", out_ptr="*T", n_cols="i32", seed="i64", threshold="i32", inv_keep="fp32",
                                   BLOCK="constexpr"), dict(BLOCK=1024)),
+        (tk._dy_products_kernel, dict(dy_ptr="*T", b_ptr="*T", u_ptr="*T", g_part_ptr="*fp32", db_part_ptr="*fp32",
+                                      N="i32", C="i32", R="i32", BN="constexpr", TILES="constexpr", **blocks),
+         dict(BM=256, BN=64, TILES=8, R_PAD=16, PRECISION=shape["PRECISION"])),
     ]
     for kernel, signature, constants in kernels:
         ordered = {name: signature[name].replace("T", dtype) for name in kernel.arg_names}

@@ -9,6 +9,7 @@ is accumulated into y / dx in place. A backend module supplies the kernels that 
     expand_(dst, perm, offsets, small, w, scales)  dst[perm[i]] += scales[a(i)] · small[i] · w[a(i)];
                                                 w a (n, r, C) view
     grouped_outer(small, big, perm, offsets)    (n, r, C) fp32: Σ over a's rows of small[i]ᵀ big[perm[i]]
+    dy_products(dy, B, u)                       optional: (dy B, uᵀ dy) in fp32 from one read of dy
 with a(i) the adapter of sorted row i (segments from naive.segments; rows before offsets[1] have none).
 """
 import functools
@@ -26,14 +27,23 @@ def lora_forward(kernels, x, weight, bias, lora_a, lora_b, scale, p, seed):
     return y.addmm_(x, weight.t()), u
 
 
+def _dy_products(kernels, grad_y, lora_b, u):
+    """(dy B, uᵀ dy): one pass over dy where the backend has a kernel for it, else two cuBLAS GEMMs."""
+    if hasattr(kernels, "dy_products"):
+        g, db_t = kernels.dy_products(grad_y, lora_b, u)
+        return g.to(grad_y.dtype), db_t
+    return grad_y @ lora_b, u.t() @ grad_y
+
+
 def lora_backward(kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
-    g = (grad_y @ lora_b).mul_(scale)
+    g, db_t = _dy_products(kernels, grad_y, lora_b, u)
+    g = g.mul_(scale)
     dx = g @ lora_a
     if p:
         dx = kernels.dropout(dx, p, seed)
     dx.addmm_(grad_y, weight)  # in place, as in the forward (out-of-place addmm would copy the branch first)
     xd = kernels.dropout(x, p, seed) if p else x
-    return dx, g.t() @ xd, torch.mm(grad_y.t(), u).mul_(scale)
+    return dx, g.t() @ xd, (db_t.t() * scale).to(lora_b.dtype).contiguous()
 
 
 def multi_forward(kernels, x, weight, bias, lora_a, lora_b, scales, perm, offsets):

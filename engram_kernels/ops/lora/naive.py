@@ -82,6 +82,11 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, u, scale, p=0.0, seed=0):
     return dx.to(x.dtype), da.to(lora_a.dtype), db.to(lora_b.dtype)
 
 
+def dy_products(grad_y, lora_b, u):
+    """The backward's two products with dy (N, out): (dy B (N, r), uᵀ dy (r, out)), fp32."""
+    return grad_y.float() @ lora_b.float(), u.float().t() @ grad_y.float()
+
+
 def lora_linear(x, weight, lora_a, lora_b, scale, bias=None, p=0.0, seed=0):
     """The single-adapter layer in plain differentiable torch ops (what the tests autograd)."""
     y = x @ weight.t() + scale * ((dropped(x, p, seed) @ lora_a.t()) @ lora_b.t())

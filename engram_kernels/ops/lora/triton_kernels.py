@@ -183,6 +183,58 @@ def _grouped_outer_kernel(small_ptr, big_ptr, perm_ptr, out_ptr, tile_ends_ptr, 
         tl.atomic_add(out, acc, mask=j_mask[:, None] & c_mask[None, :])
 
 
+@triton.jit
+def _dy_products_kernel(dy_ptr, b_ptr, u_ptr, g_part_ptr, db_part_ptr, N, C, R, BM: tl.constexpr,
+                        BN: tl.constexpr, TILES: tl.constexpr, R_PAD: tl.constexpr, PRECISION: tl.constexpr):
+    """One pass over a (BM rows) x (TILES * BN columns) block of dy for both products: dy B, summed
+    over the block's columns into g_part[split] (N, R), and uᵀ dy, summed over its rows into
+    db_part[row block] (R, C); the caller adds the partials up."""
+    rb, split = tl.program_id(0), tl.program_id(1)
+    rows = rb * BM + tl.arange(0, BM)
+    row_mask = rows < N
+    j = tl.arange(0, R_PAD)
+    j_mask = j < R
+    u_t = tl.load(u_ptr + rows[None, :] * R + j[:, None], mask=j_mask[:, None] & row_mask[None, :], other=0.0)
+    g = tl.zeros((BM, R_PAD), dtype=tl.float32)
+    for t in range(TILES):  # a constant trip count (tail columns masked) lets the loads pipeline
+        cols = (split * TILES + t) * BN + tl.arange(0, BN)
+        col_mask = cols < C
+        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * C + cols[None, :],
+                     mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * R + j[None, :], mask=col_mask[:, None] & j_mask[None, :], other=0.0)
+        g += tl.dot(dy, b, input_precision=PRECISION)
+        db = tl.dot(u_t, dy, input_precision=PRECISION)
+        tl.store(db_part_ptr + (rb * R + j[:, None]).to(tl.int64) * C + cols[None, :], db,
+                 mask=j_mask[:, None] & col_mask[None, :])
+    tl.store(g_part_ptr + (split * N + rows[:, None]).to(tl.int64) * R + j[None, :], g,
+             mask=row_mask[:, None] & j_mask[None, :])
+
+
+_DY_ROWS = 256  # rows per program: the row-block partials of uᵀ dy cost 4 * r * out bytes each
+_DY_COLS = 64
+
+
+def dy_products(grad_y, lora_b, u):
+    """(dy B, uᵀ dy) in fp32 from one read of dy (the two cuBLAS products read it twice)."""
+    n, c = grad_y.shape
+    rank = u.shape[1]
+    if n == 0 or c == 0:
+        return grad_y.new_zeros(n, rank, dtype=torch.float32), grad_y.new_zeros(rank, c, dtype=torch.float32)
+    row_blocks = triton.cdiv(n, _DY_ROWS)
+    sms = torch.cuda.get_device_properties(grad_y.device).multi_processor_count if grad_y.is_cuda else 4
+    # at most one wave (the kernel fills an SM's registers with one program of 8 warps)
+    splits = max(1, min(triton.cdiv(c, _DY_COLS), sms // row_blocks))
+    tiles = triton.cdiv(triton.cdiv(c, splits), _DY_COLS)
+    splits = triton.cdiv(c, tiles * _DY_COLS)
+    g_part = grad_y.new_empty(splits, n, rank, dtype=torch.float32)
+    db_part = grad_y.new_empty(row_blocks, rank, c, dtype=torch.float32)
+    with _on(grad_y.device):
+        _dy_products_kernel[(row_blocks, splits)](
+            grad_y, lora_b, u, g_part, db_part, n, c, rank, BM=_DY_ROWS, BN=_DY_COLS, TILES=tiles,
+            R_PAD=_rank_pad(rank), PRECISION=_precision(grad_y.dtype), num_warps=8)
+    return g_part.sum(0), db_part.sum(0)
+
+
 def _scales_or_ones(scales, n_adapters, device):
     """One kernel for both: a unit scale where the caller has none (fewer Triton compiles)."""
     return torch.ones(n_adapters, device=device) if scales is None else scales
@@ -237,6 +289,7 @@ def grouped_outer(small, big, perm, offsets, n_adapters):
 
 class _Kernels:
     dropout = staticmethod(dropout)
+    dy_products = staticmethod(dy_products)
     shrink = staticmethod(shrink)
     expand_ = staticmethod(expand_)
     grouped_outer = staticmethod(grouped_outer)
