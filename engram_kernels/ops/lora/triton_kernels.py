@@ -224,7 +224,9 @@ def dy_products(grad_y, lora_b, u):
     sms = torch.cuda.get_device_properties(grad_y.device).multi_processor_count if grad_y.is_cuda else 4
     # at most one wave (the kernel fills an SM's registers with one program of 8 warps)
     splits = max(1, min(triton.cdiv(c, _DY_COLS), sms // row_blocks))
-    tiles = triton.cdiv(triton.cdiv(c, splits), _DY_COLS)
+    # column tiles per program: a compile-time count (pipelined loop), a power of two so that batches of
+    # varying length compile a few kernels, not one per length
+    tiles = triton.next_power_of_2(triton.cdiv(triton.cdiv(c, _DY_COLS), splits))
     splits = triton.cdiv(c, tiles * _DY_COLS)
     g_part = grad_y.new_empty(splits, n, rank, dtype=torch.float32)
     db_part = grad_y.new_empty(row_blocks, rank, c, dtype=torch.float32)
