@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from backend_cases import backend_cases, dtypes_for, interpreted, tolerance
+from backend_cases import GPU, backend_cases, dtypes_for, interpreted, tolerance
 from engram_kernels import backends
 from engram_kernels.ops.lora import functional, lora_linear, lora_linear_multi, merge_lora, naive, unmerge_lora
 
@@ -375,6 +375,7 @@ print("compiled")
 """
 
 
+@pytest.mark.skipif(GPU, reason="GPU runs compile and run the kernels for real")
 def test_triton_kernels_compile_for_hopper():
     """The Triton kernels compile to sm_90 code in every dtype, no GPU needed: what the interpreter
     cannot check (tl.dot and atomic lowering, loop-carried types). In a subprocess, since this
