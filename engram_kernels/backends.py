@@ -119,6 +119,12 @@ def choose(device, family="memory"):
 BACKEND_MODULES = {"torch": "naive", "cpu": "cpu_ext", "triton": "triton_kernels", "cuda": "cuda_ext"}
 
 
+@functools.cache
+def multiprocessors(device):
+    """SM count of a CUDA device (cached: launch heuristics ask on every call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 _op_modules = {}  # (family, device type, forced backend) -> module, where no fallback notice was due
 
 

@@ -11,6 +11,7 @@ import argparse
 import collections
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import torch
@@ -51,11 +52,12 @@ def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64,
 
 
 def sass_stats(cubin):
-    path = Path("/tmp/engram_decode.cubin")
-    path.write_bytes(cubin)
-    usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "decode.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([TOOLS / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    sass = subprocess.run([TOOLS / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
     code = [(int(m[1], 16), m[2], m[3]) for m in
             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", sass)]
     loops = []

@@ -171,15 +171,6 @@ __global__ void dequantize_kernel(const uint8_t* __restrict__ codes, const __hal
 
 // ---- decode attention --------------------------------------------------------------------------
 
-struct DecodeArgs {
-  const uint8_t *key_codes, *value_codes;
-  const __half *key_scale, *key_zero, *value_scale, *value_zero;
-  float *part_m, *part_l, *part_acc;  // (heads, splits, kWarps, rows[, d])
-  int64_t packed_len, residual_len, n_groups, tokens_per_split;
-  int n_splits, rows, q_len, group, gv, d;
-  float scale;
-};
-
 // Online softmax state of one warp for MAX_ROWS query rows; lane holds channels lane + 32 k.
 template <int CPL, int MAX_ROWS>
 struct WarpState {
@@ -335,19 +326,12 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
-  mma_decode::Args m;
-  m.key_codes = a.key_codes, m.value_codes = a.value_codes;
-  m.key_scale = a.key_scale, m.key_zero = a.key_zero, m.value_scale = a.value_scale, m.value_zero = a.value_zero;
-  m.part_m = a.part_m, m.part_l = a.part_l, m.part_acc = a.part_acc;
-  m.packed_len = a.packed_len, m.residual_len = a.residual_len, m.n_groups = a.n_groups;
-  m.tokens_per_split = a.tokens_per_split;
-  m.n_splits = a.n_splits, m.rows = a.rows, m.q_len = a.q_len, m.group = a.group;
-  m.scale = a.scale;
-  const int width = std::min(a.group, a.d), bytes = a.d * bits / 8;  // value group; channels per plane
-  m.value_groups = a.d / width;
+  mma_decode::Args m{a};
+  const int bytes = a.d * bits / 8;  // channels per bit plane
+  m.value_groups = a.d / a.gv;
   for (int i = 0; i < 4; ++i) {
-    m.plane_group[i] = i * bytes / width;
-    m.plane_first[i] = m.plane_group[i] * width / bytes;
+    m.plane_group[i] = i * bytes / a.gv;
+    m.plane_first[i] = m.plane_group[i] * a.gv / bytes;
   }
   return m;
 }

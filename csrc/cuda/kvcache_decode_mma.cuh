@@ -16,52 +16,58 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstring>
+#include <type_traits>
+
 namespace engram {
-namespace mma_decode {
 
-template <typename T>
-struct Operand;
-
-template <>
-struct Operand<at::BFloat16> {
-  static constexpr uint32_t kHighBytes = 0x43434343u;  // bf16 0x43XX = 128 + XX for XX < 128
-  static constexpr float kMagic = 128.f;
-  __device__ static uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  __device__ static float rounded(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();  // supported() keeps pre-Ampere GPUs off this kernel
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
+// What both decode kernels take: the packed cache, its lengths and the split-K partials they write.
+struct DecodeArgs {
+  const uint8_t *key_codes, *value_codes;
+  const __half *key_scale, *key_zero, *value_scale, *value_zero;
+  float *part_m, *part_l, *part_acc;  // (heads, parts, rows[, d]): per warp (CUDA cores) or per block (mma)
+  int64_t packed_len, residual_len, n_groups, tokens_per_split;
+  int n_splits, rows, q_len, group, gv, d;
+  float scale;
 };
 
-template <>
-struct Operand<at::Half> {
-  static constexpr uint32_t kHighBytes = 0x64646464u;  // fp16 0x64XX = 1024 + XX
-  static constexpr float kMagic = 1024.f;
+namespace mma_decode {
+
+// The 16-bit operand type T (at::BFloat16 or at::Half): its magic high byte and conversions.
+template <typename T>
+struct Operand {
+  static constexpr bool kBf16 = std::is_same_v<T, at::BFloat16>;
+  // bf16 0x43XX = 128 + XX, fp16 0x64XX = 1024 + XX for small XX
+  static constexpr uint32_t kHighBytes = kBf16 ? 0x43434343u : 0x64646464u;
+  static constexpr float kMagic = kBf16 ? 128.f : 1024.f;
+
   __device__ static uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
+    uint32_t bits;
+    if constexpr (kBf16) {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+      memcpy(&bits, &v, sizeof(bits));
+    } else {
+      const __half2 v = __floats2half2_rn(lo, hi);
+      memcpy(&bits, &v, sizeof(bits));
+    }
+    return bits;
   }
-  __device__ static float rounded(float x) { return __half2float(__float2half_rn(x)); }
+  __device__ static float rounded(float x) {
+    if constexpr (kBf16) return __bfloat162float(__float2bfloat16_rn(x));
+    else return __half2float(__float2half_rn(x));
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // supported() keeps pre-Ampere GPUs off this kernel
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define ENGRAM_MMA(TYPE)                                                                                      \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                  \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+    if constexpr (kBf16) ENGRAM_MMA("bf16");
+    else ENGRAM_MMA("f16");
+#undef ENGRAM_MMA
 #endif
   }
 };
@@ -92,16 +98,12 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* 
   }
 }
 
-struct Args {
-  const uint8_t *key_codes, *value_codes;
-  const __half *key_scale, *key_zero, *value_scale, *value_zero;
-  float *part_m, *part_l, *part_acc;  // (heads, splits, rows[, d]): one partial per block
-  int64_t packed_len, residual_len, n_groups, tokens_per_split;
-  int n_splits, rows, q_len, group;
-  float scale;
-  // value groups per token, and per bit plane: its value group, and the first plane of that group
-  // (host-computed: no integer division by a runtime group size in the token loop)
-  int value_groups, plane_group[4], plane_first[4];
+// The shared decode arguments (kvcache.cu's kernels take the same), plus per-plane value groups,
+// host-computed: no integer division by a runtime group size in the token loop.
+struct Args : DecodeArgs {
+  int value_groups;    // value groups per token
+  int plane_group[4];  // per bit plane: its value group
+  int plane_first[4];  // per bit plane: the first plane of that group
 };
 
 // One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;

@@ -7,9 +7,7 @@ KV head) take the Triton kernel.
 """
 import functools
 
-import torch
-
-from ...backends import require_extension
+from ...backends import multiprocessors, require_extension
 from . import triton_kernels
 
 _ext = functools.partial(require_extension, "_C_kvcache_cuda")
@@ -31,14 +29,9 @@ def dequantize_values(codes, scale, zero, bits, group_size, dtype):
     return _ext().dequantize_values(codes, scale, zero, bits, group_size, dtype)
 
 
-@functools.cache
-def _multiprocessors(device):
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _splits(device, heads, packed_len, block=64):
     """Token splits per (batch, KV head), about 4 blocks per SM; + 1 for the residual window."""
-    programs = 4 * _multiprocessors(device)
+    programs = 4 * multiprocessors(device)
     blocks = -(-packed_len // block)
     n = max(1, min(-(-programs // heads), blocks))
     tokens = -(-blocks // n) * block

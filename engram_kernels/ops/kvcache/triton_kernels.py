@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import backends
 from . import naive
 
 _BLOCK_T = 64  # tokens per tile (quantize, dequantize)
@@ -462,7 +463,7 @@ DECODE_TIMINGS = {}  # bucket -> {launch: ms} measured on its first call; the fa
 def _programs(device, per_sm):
     if device.type != "cuda":
         return 4
-    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return per_sm * backends.multiprocessors(device)
 
 
 def _tiles(blocks, heads, programs):

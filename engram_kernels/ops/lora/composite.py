@@ -9,7 +9,7 @@ is accumulated into y / dx in place. A backend module supplies the kernels that 
     expand_(dst, perm, offsets, small, w, scales)  dst[perm[i]] += scales[a(i)] · small[i] · w[a(i)];
                                                 w a (n, r, C) view
     grouped_outer(small, big, perm, offsets)    (n, r, C) fp32: Σ over a's rows of small[i]ᵀ big[perm[i]]
-    dy_products(dy, B, u)                       optional: (dy B, uᵀ dy) in fp32 from one read of dy
+    dy_products(dy, B, u)                       (dy B, uᵀ dy), in fp32 or dy's dtype (gemm_dy_products)
 with a(i) the adapter of sorted row i (segments from naive.segments; rows before offsets[1] have none).
 """
 import functools
@@ -27,17 +27,14 @@ def lora_forward(kernels, x, weight, bias, lora_a, lora_b, scale, p, seed):
     return y.addmm_(x, weight.t()), u
 
 
-def _dy_products(kernels, grad_y, lora_b, u):
-    """(dy B, uᵀ dy): one pass over dy where the backend has a kernel for it, else two cuBLAS GEMMs."""
-    if hasattr(kernels, "dy_products"):
-        g, db_t = kernels.dy_products(grad_y, lora_b, u)
-        return g.to(grad_y.dtype), db_t
+def gemm_dy_products(grad_y, lora_b, u):
+    """(dy B, uᵀ dy) as two cuBLAS GEMMs, each reading dy: a backend's dy_products without a kernel."""
     return grad_y @ lora_b, u.t() @ grad_y
 
 
 def lora_backward(kernels, grad_y, x, weight, lora_a, lora_b, u, scale, p, seed):
-    g, db_t = _dy_products(kernels, grad_y, lora_b, u)
-    g = g.mul_(scale)
+    g, db_t = kernels.dy_products(grad_y, lora_b, u)
+    g = g.to(grad_y.dtype).mul_(scale)
     dx = g @ lora_a
     if p:
         dx = kernels.dropout(dx, p, seed)

@@ -13,6 +13,8 @@ _ext = functools.partial(require_extension, "_C_lora_cuda")
 
 
 class _Kernels:
+    dy_products = staticmethod(composite.gemm_dy_products)
+
     @staticmethod
     def dropout(x, p, seed):
         return _ext().dropout(x, p, seed & 0xFFFFFFFF)

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import backends
 from . import composite, naive
 
 _BLOCK_ROWS = 32      # rows per shrink / expand tile
@@ -221,7 +222,7 @@ def dy_products(grad_y, lora_b, u):
     if n == 0 or c == 0:
         return grad_y.new_zeros(n, rank, dtype=torch.float32), grad_y.new_zeros(rank, c, dtype=torch.float32)
     row_blocks = triton.cdiv(n, _DY_ROWS)
-    sms = torch.cuda.get_device_properties(grad_y.device).multi_processor_count if grad_y.is_cuda else 4
+    sms = backends.multiprocessors(grad_y.device) if grad_y.is_cuda else 4
     # at most one wave (the kernel fills an SM's registers with one program of 8 warps)
     splits = max(1, min(triton.cdiv(c, _DY_COLS), sms // row_blocks))
     # column tiles per program: a compile-time count (pipelined loop), a power of two so that batches of
