@@ -4,11 +4,14 @@ loop (backward branch) in the SASS. A static proxy for GPU time, for sessions wi
 fewer instructions per tile and no spills is what to aim for; only a GPU run says what it buys.
 
     python scripts/triton_sass_stats.py [--bits 4] [--warps 4 8] [--stages 3] [--dtype bfloat16] [--no-ptx]
+    python scripts/triton_sass_stats.py --module old.py --bits 4 --warps 4  (another version's kernel)
+    python scripts/triton_sass_stats.py --cuda-object BUILD/kvcache.cuda.o   (the CUDA tensor-core kernel)
 
 Needs triton's bundled CUDA tools (ptxas, cuobjdump: triton/backends/nvidia/bin), no driver.
 """
 import argparse
 import collections
+import importlib.util
 import re
 import subprocess
 import tempfile
@@ -26,11 +29,13 @@ POINTERS = {"q_ptr": None, "kc_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "fp16", "
             "vz_ptr": "fp16", "rk_ptr": None, "rv_ptr": None, "scratch_ptr": "fp32", "counter_ptr": "i32",
             "out_ptr": None}
 SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_splits": "i32", "scale": "fp32"}
+MMA_KERNEL = "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128EEEvPKT_S6_S6_NS0_4ArgsE"
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64, head_dim=128):
-    fn = triton_kernels._decode_kernel
+def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64, head_dim=128, kernel=None):
+    """`kernel`: another version's _decode_kernel (default: this one); it gets the arguments it has."""
+    fn = kernel or triton_kernels._decode_kernel
     magic_bits, magic = triton_kernels._MAGIC.get(dtype, (0, 0.0))
     triton_kernels.USE_PTX = ptx
     asm = triton_kernels._asm(bits, magic_bits, torch.device("cuda"))
@@ -46,17 +51,24 @@ def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64,
         else:
             signature[name] = SCALARS.get(name, "constexpr")
     source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                            "num_stages": stages})
 
 
 def sass_stats(cubin):
+    """(resources, instruction count, per-loop instruction mixes) of a compiled Triton kernel."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "decode.cubin"
         path.write_bytes(cubin)
-        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", path], capture_output=True, text=True).stdout
-        sass = subprocess.run([TOOLS / "cuobjdump", "-sass", path], capture_output=True, text=True).stdout
+        return object_stats(path)
+
+
+def object_stats(path, function=None):
+    """The same for a CUDA object or library (`function`: one mangled kernel name, else all of them)."""
+    select = ["-fun", function] if function else []
+    usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", *select, path], capture_output=True, text=True).stdout
+    sass = subprocess.run([TOOLS / "cuobjdump", "-sass", *select, path], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     code = [(int(m[1], 16), m[2], m[3]) for m in
             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", sass)]
@@ -69,6 +81,18 @@ def sass_stats(cubin):
     return resources, len(code), loops
 
 
+def print_loops(loops, warps):
+    for body in sorted(loops, key=lambda b: -sum(b.values()))[:2]:
+        print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(12))}")
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location("other_triton_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 2])
@@ -76,15 +100,27 @@ def main(argv=None):
     parser.add_argument("--stages", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--no-ptx", action="store_true", help="codes by Triton bit ops (ENGRAM_KV_PTX=0)")
+    parser.add_argument("--module", metavar="PY",
+                        help="the Triton decode kernel of this file instead, e.g. an earlier version: git show "
+                             "REV:engram_kernels/ops/kvcache/triton_kernels.py > old.py (its relative imports "
+                             "made absolute)")
+    parser.add_argument("--cuda-object", metavar="PATH",
+                        help="instead: the tensor-core decode kernel (bf16, int4, d 128) in this compiled object of "
+                             "csrc/cuda/kvcache.cu (e.g. the build directory's kvcache.cuda.o)")
     args = parser.parse_args(argv)
+    if args.cuda_object:
+        resources, total, loops = object_stats(args.cuda_object, MMA_KERNEL)
+        print(f"cuda tensor-core decode, int4 bf16 d 128, 4 warps: {resources}, {total} instructions")
+        print_loops(loops, 4)
+        return
     dtype = getattr(torch, args.dtype)
+    other = _load(args.module)._decode_kernel if args.module else None
     for bits in args.bits:
         for warps in args.warps:
-            kernel = compile_decode(bits, warps, args.stages, dtype, not args.no_ptx)
+            kernel = compile_decode(bits, warps, args.stages, dtype, not args.no_ptx, kernel=other)
             resources, total, loops = sass_stats(kernel.asm["cubin"])
             print(f"int{bits} {args.dtype} {warps} warps {args.stages} stages: {resources}, {total} instructions")
-            for body in sorted(loops, key=lambda b: -sum(b.values()))[:2]:
-                print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(12))}")
+            print_loops(loops, warps)
 
 
 if __name__ == "__main__":
