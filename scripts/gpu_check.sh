@@ -4,6 +4,7 @@
 #
 #   scripts/gpu_check.sh OUTDIR        (from the repository root)
 #
+# With prebuilt/ (scripts/prebuild_gpu_extensions.sh, run elsewhere; carry it) the build is skipped.
 # Finishes within about 7.5 minutes: every stage has a timeout, the benchmarks get whatever time
 # is left, and a failed stage does not stop the later ones. OUTDIR receives at most six flat files:
 # build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results,
@@ -29,18 +30,48 @@ elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( DEADLINE - $(date +%s) )); }
 stage() { echo; echo "== $1 (at $(elapsed)s)"; }
 
-stage "build: one python3 setup.py build_ext --inplace per op family, side by side (log: build.log)"
+# The binaries scripts/prebuild_gpu_extensions.sh made elsewhere (carried as prebuilt/), when they were
+# built from these sources for this Python and torch, and all of them import.
+use_prebuilt() {
+  [ -f prebuilt/STAMP ] || return 1
+  local stamp
+  stamp=$(scripts/extension_stamp.sh python3) || return 1
+  if [ "$stamp" != "$(cat prebuilt/STAMP)" ]; then
+    echo "prebuilt/ is stale (stamp $(cat prebuilt/STAMP), sources here $stamp): building"
+    return 1
+  fi
+  cp prebuilt/_C_*.so engram_kernels/
+  local names
+  names=$(cd prebuilt && ls _C_*.so | cut -d. -f1)
+  # shellcheck disable=SC2086
+  timeout -k 5 60 python3 -c 'import importlib, sys, torch
+for name in sys.argv[1:]:
+    importlib.import_module("engram_kernels." + name)' $names && return 0
+  echo "prebuilt/ does not import here: building"
+  rm -f engram_kernels/_C_*.so
+  return 1
+}
+
 # nvcc on one .cu file takes ~90 s, so the families build in parallel processes, each with its own
 # build directory (torch's ninja file lives there; `build_ext -j` would race on it).
+build_here() {
+  for family in memory lora kvcache; do
+    ENGRAM_FAMILIES=$family timeout -k 10 240 python3 setup.py build_ext --inplace \
+      --build-temp "build/temp-$family" --build-lib "build/lib-$family" >"build-$family.log" 2>&1 &
+  done
+  for job in $(jobs -p); do wait "$job" || BUILD_RC=1; done
+  cat build-memory.log build-lora.log build-kvcache.log >"$OUT/build.log"
+  rm -f build-memory.log build-lora.log build-kvcache.log
+  grep -q "WARNING: building" "$OUT/build.log" && BUILD_RC=1
+}
+
+stage "build: prebuilt/ if its stamp matches, else one python3 setup.py build_ext --inplace per op family (log: build.log)"
 BUILD_RC=0
-for family in memory lora kvcache; do
-  ENGRAM_FAMILIES=$family timeout -k 10 240 python3 setup.py build_ext --inplace \
-    --build-temp "build/temp-$family" --build-lib "build/lib-$family" >"build-$family.log" 2>&1 &
-done
-for job in $(jobs -p); do wait "$job" || BUILD_RC=1; done
-cat build-memory.log build-lora.log build-kvcache.log >"$OUT/build.log"
-rm -f build-memory.log build-lora.log build-kvcache.log
-grep -q "WARNING: building" "$OUT/build.log" && BUILD_RC=1
+if use_prebuilt; then
+  echo "using prebuilt/ (stamp $(cat prebuilt/STAMP)): no build" >"$OUT/build.log"
+else
+  build_here
+fi
 echo "build rc=$BUILD_RC"
 grep -iE "error|failed|warning: .*(spill|deprecated)" "$OUT/build.log" | head -n 20
 tail -n 3 "$OUT/build.log"
