@@ -125,6 +125,14 @@ def multiprocessors(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def on_device(device):
+    """The context that makes `device` current for a Triton launch (Triton launches on the current
+    CUDA device), entered only when it is not current already: decode steps launch once per layer."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 _op_modules = {}  # (family, device type, forced backend) -> module, where no fallback notice was due
 
 

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from backend_cases import GPU, backend_cases, interpreted, tolerance
 from engram_kernels import backends
-from engram_kernels.ops.kvcache import (PackedKV, decode_attention, dequantize_keys, dequantize_kv, dequantize_values,
-                                        functional, naive, quantize_keys, quantize_kv, quantize_values)
+from engram_kernels.ops.kvcache import (PackedKV, checks, decode_attention, dequantize_keys, dequantize_kv,
+                                        dequantize_values, functional, naive, quantize_keys, quantize_kv,
+                                        quantize_values)
 
 CASES = backend_cases("kvcache")
 
@@ -257,8 +258,28 @@ def _packed(d=8, t=8, h=2, bits=4, g=4):
     (lambda p: (torch.randn(1, 4, 1, 8) * float("inf"), p, None, None), ValueError, "query contains NaN or Inf"),
 ])
 def test_decode_attention_rejects(make, error, message):
+    packed = _packed()
+    # a valid call on the same store first: the structural checks it passed are cached by signature
+    checks.check_decode_attention(torch.randn(1, 4, 1, 8), *packed.tensors(), None, None, 4, 4)
     with pytest.raises(error, match=message):
-        decode_attention(*make(_packed()))
+        decode_attention(*make(packed))
+
+
+@pytest.mark.usefixtures("no_kernel_may_run")
+def test_decode_attention_checks_every_call_once_cached():
+    packed = _packed()
+    query, residual = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 3, 8)
+    for _ in range(2):  # the second call hits the signature cache
+        checks.check_decode_attention(query, *packed.tensors(), residual, residual, 4, 4)
+    with pytest.raises(ValueError, match="residual_values contains NaN"):
+        checks.check_decode_attention(query, *packed.tensors(), residual, residual * float("nan"), 4, 4)
+    with pytest.raises(ValueError, match="group_size must be a positive int"):
+        checks.check_decode_attention(query, *packed.tensors(), residual, residual, 4, 4.0)
+    with pytest.raises(TypeError, match="value_zero must be a float16"):
+        checks.check_decode_attention(query, *packed.tensors()[:5], packed.value_zero.float(), residual, residual,
+                                      4, 4)
+    with pytest.raises(ValueError, match="one device"):
+        checks.check_decode_attention(query, *packed.tensors(), residual.to("meta"), residual, 4, 4)
 
 
 _HOPPER_COMPILE = """
@@ -282,3 +303,45 @@ def test_triton_decode_compiles_for_hopper():
     done = subprocess.run([sys.executable, "-c", _HOPPER_COMPILE], env=env, capture_output=True, text=True,
                           timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+def _run_plane_ptx(asm, word):
+    """Runs the few PTX instructions of triton_kernels._plane_asm on one 32-bit input ($2)."""
+    regs = {"$2": word}
+
+    def value(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for statement in asm.strip("{} ").split(";"):
+        op, _, operands = statement.strip().partition(" ")
+        args = [a.strip() for a in operands.split(",")]
+        if op == "shr.b32":
+            regs[args[0]] = value(args[1]) >> value(args[2])
+        elif op == "and.b32":
+            regs[args[0]] = value(args[1]) & value(args[2])
+        elif op == "mov.b32":
+            regs[args[0]] = value(args[1])
+        elif op == "prmt.b32":  # bytes 0-3 of a, 4-7 of b; a selector nibble picks each output byte
+            src = [(value(args[1]) >> 8 * i) & 0xFF for i in range(4)] + [(value(args[2]) >> 8 * i) & 0xFF
+                                                                       for i in range(4)]
+            regs[args[0]] = sum(src[(value(args[3]) >> 4 * k) & 7] << 8 * k for k in range(4))
+        else:
+            assert op in ("", ".reg"), op
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("magic_bits", [0x4300, 0x6400])
+def test_inline_ptx_unpacks_like_the_bit_path(bits, magic_bits):
+    """The decode kernel's inline PTX (GPU only) gives each packed byte k (pack=4: byte k of $2 is
+    element k) the 16-bit operand the interpreter's bit path gives it: plane i's code under the
+    magic high byte, elements 0, 1 in $0 and 2, 3 in $1, low half first."""
+    from engram_kernels.ops.kvcache import triton_kernels
+    words = torch.randint(0, 2**32, (64,), generator=torch.Generator().manual_seed(0), dtype=torch.int64).tolist()
+    for plane in range(8 // bits):
+        asm = triton_kernels._plane_asm(bits, plane, magic_bits)
+        for word in words + [0, 2**32 - 1]:
+            low, high = _run_plane_ptx(asm, word)
+            got = [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
+            expected = [((word >> 8 * k) & 0xFF) >> plane * bits & (1 << bits) - 1 | magic_bits for k in range(4)]
+            assert got == expected, (plane, hex(word))

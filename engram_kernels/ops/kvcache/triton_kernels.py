@@ -19,7 +19,7 @@ rejects a runtime scalar `range()` bound under numpy >= 2.4. Head dims and value
 powers of two (64, 128, ...), and decode groups multiples of 16 tokens; other shapes take the
 reference implementation.
 """
-import contextlib
+import functools
 import os
 
 import torch
@@ -31,13 +31,6 @@ from . import naive
 
 _BLOCK_T = 64  # tokens per tile (quantize, dequantize)
 _MIN_ROWS = 16  # tl.dot needs 16 rows
-
-
-def _on(device):
-    """The device's context, entered only when it is not already current (decode calls are short)."""
-    if device.type == "cuda" and device.index != torch.cuda.current_device():
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def _pow2(n):
@@ -406,7 +399,7 @@ def quantize_keys(keys, bits, group_size):
     scale = keys.new_empty(b, h, n_groups, d, dtype=naive.SCALE_DTYPE)
     zero = torch.empty_like(scale)
     if codes.numel():
-        with _on(keys.device):
+        with backends.on_device(keys.device):
             _quantize_keys_kernel[(b * h, n_groups)](keys, codes, scale, zero, t, n_groups, group_size, d, bits,
                                                      triton.next_power_of_2(group_size))
     return codes, scale, zero
@@ -423,7 +416,7 @@ def quantize_values(values, bits, group_size):
     n_rows = b * h * t
     if n_rows:
         block = min(_BLOCK_T, triton.next_power_of_2(n_rows))
-        with _on(values.device):
+        with backends.on_device(values.device):
             _quantize_values_kernel[(triton.cdiv(n_rows, block),)](values, codes, scale, zero, n_rows, d, gv, bits,
                                                                    block)
     return codes, scale, zero
@@ -437,7 +430,7 @@ def _dequantize(codes, scale, zero, bits, group_size, dtype, keys):
         return fn(codes, scale, zero, bits, group_size, dtype)
     out = codes.new_empty(b, h, t, d, dtype=dtype)
     if out.numel():
-        with _on(codes.device):
+        with backends.on_device(codes.device):
             _dequantize_kernel[(b * h, triton.cdiv(t, _BLOCK_T))](
                 codes, scale, zero, out, t, triton.cdiv(t, group_size), keys, group_size,
                 naive.value_group(d, group_size), d, bits, _BLOCK_T)
@@ -495,7 +488,7 @@ def _launch_config(device, heads, tokens, blocks, bucket, run):
     heuristic = (max(1, _tiles(blocks, heads, _programs(device, 4))), 4, 3)
     if device.type != "cuda" or tokens < TUNE_MIN_TOKENS or torch.cuda.is_current_stream_capturing():
         return heuristic
-    with _on(device):
+    with backends.on_device(device):
         DECODE_TIMINGS[bucket] = {launch: _elapsed_ms(lambda: run(launch))
                                   for launch in _candidates(device, heads, blocks)}
     return _launch_config(device, heads, tokens, blocks, bucket, run)
@@ -528,6 +521,11 @@ def _asm(bits, magic_bits, device):
     """The four planes' PTX strings ("" = no inline PTX: the interpreter, fp32 operands, unused planes)."""
     if not (magic_bits and device.type == "cuda" and USE_PTX):
         return ("",) * 4
+    return _planes_asm(bits, magic_bits)
+
+
+@functools.cache
+def _planes_asm(bits, magic_bits):
     return tuple(_plane_asm(bits, i, magic_bits) if i < 8 // bits else "" for i in range(4))
 
 
@@ -571,6 +569,6 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
 
     bucket = (query.device.index, query.dtype, heads, rows, blocks.bit_length(), d, bits, group_size, asm[0] != "")
     launch = _launch_config(query.device, heads, packed_len, blocks, bucket, run)
-    with _on(query.device):
+    with backends.on_device(query.device):
         run(launch)
     return out

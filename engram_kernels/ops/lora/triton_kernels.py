@@ -8,7 +8,6 @@ adapter — computed on the device, so nothing waits for the host. Each kernel r
 inputs, so fp32 results match the reference); the per-adapter gradient sums add their row tiles
 with fp32 atomics.
 """
-import contextlib
 
 import torch
 import triton
@@ -24,10 +23,6 @@ _BLOCK_COLS = 64
 _DROPOUT_BLOCK = 1024
 _ADAPTER_BLOCK = 64   # adapters scanned per step when a program looks up its tile's adapter
 _M32 = 0xFFFFFFFF
-
-
-def _on(device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _precision(dtype):
@@ -78,7 +73,7 @@ def dropout(x, p, seed):
     out = torch.empty_like(x)
     if x.numel():
         grid = (x.shape[0], triton.cdiv(x.shape[1], _DROPOUT_BLOCK))
-        with _on(x.device):
+        with backends.on_device(x.device):
             _dropout_kernel[grid](x, out, x.shape[1], seed & _M32, naive.keep_threshold(p), 1.0 / (1.0 - p),
                                   BLOCK=_DROPOUT_BLOCK)
     return out
@@ -231,7 +226,7 @@ def dy_products(grad_y, lora_b, u):
     splits = triton.cdiv(c, tiles * _DY_COLS)
     g_part = grad_y.new_empty(splits, n, rank, dtype=torch.float32)
     db_part = grad_y.new_empty(row_blocks, rank, c, dtype=torch.float32)
-    with _on(grad_y.device):
+    with backends.on_device(grad_y.device):
         _dy_products_kernel[(row_blocks, splits)](
             grad_y, lora_b, u, g_part, db_part, n, c, rank, BM=_DY_ROWS, BN=_DY_COLS, TILES=tiles,
             R_PAD=_rank_pad(rank), PRECISION=_precision(grad_y.dtype), num_warps=8)
@@ -253,7 +248,7 @@ def shrink(src, perm, offsets, w, scales):
     if src.shape[0] == 0:
         return out
     grid = (_max_tiles(src.shape[0], n_adapters, _BLOCK_ROWS),)
-    with _on(src.device):
+    with backends.on_device(src.device):
         _shrink_kernel[grid](src, perm, w, _scales_or_ones(scales, n_adapters, src.device), out,
                              *_segment_args(offsets, n_adapters, _BLOCK_ROWS), k, rank, src.stride(0), *w.stride(),
                              BM=_BLOCK_ROWS, BK=_BLOCK_K, R_PAD=_rank_pad(rank),
@@ -266,7 +261,7 @@ def expand_(dst, perm, offsets, small, w, scales):
     if dst.shape[0] == 0:
         return dst
     grid = (_max_tiles(dst.shape[0], n_adapters, _BLOCK_ROWS), triton.cdiv(cols, _BLOCK_COLS))
-    with _on(dst.device):
+    with backends.on_device(dst.device):
         _expand_kernel[grid](dst, perm, small, w, _scales_or_ones(scales, n_adapters, dst.device),
                              *_segment_args(offsets, n_adapters, _BLOCK_ROWS), cols, rank, dst.stride(0), *w.stride(),
                              BM=_BLOCK_ROWS, BN=_BLOCK_COLS, R_PAD=_rank_pad(rank),
@@ -280,7 +275,7 @@ def grouped_outer(small, big, perm, offsets, n_adapters):
     if big.shape[0] == 0:
         return out
     grid = (_max_tiles(big.shape[0], n_adapters, _OUTER_ROWS), triton.cdiv(cols, _BLOCK_COLS))
-    with _on(big.device):
+    with backends.on_device(big.device):
         _grouped_outer_kernel[grid](small, big, perm, out, *_segment_args(offsets, n_adapters, _OUTER_ROWS), cols,
                                     rank, big.stride(0), TILE_ROWS=_OUTER_ROWS, BM=_BLOCK_ROWS, BN=_BLOCK_COLS,
                                     R_PAD=_rank_pad(rank), A_BLOCK=_ADAPTER_BLOCK,

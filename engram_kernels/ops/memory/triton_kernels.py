@@ -8,21 +8,16 @@ Loop bounds are constexpr (k, L, Dv: a recompile per distinct value, few in prac
 come from memory, a `while` loop: Triton 3.6's interpreter turns a runtime scalar `range()` bound into a
 Python int with int() on a 1-element array, which numpy >= 2.4 rejects.
 """
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
+from ... import backends
 from . import naive
 
 _TILE = 4096  # elements loaded per program per loop step in the streaming kernels
 _MAX_BLOCK_D = 256  # 512 bytes of a bf16 row per program: full sectors, several D-blocks for wide rows
-
-
-def _on(device):
-    """Launch on `device` (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _block_d(dv):
@@ -98,7 +93,7 @@ def pk_topk(query, keys1, keys2, k):
     if scores.numel() == 0:
         return scores, ids
     block_keys = triton.next_power_of_2(n_keys)
-    with _on(query.device):
+    with backends.on_device(query.device):
         _pk_select_kernel[(n * heads,)](
             s1.contiguous(), s2.contiguous(), scores, ids, n_keys,
             K=k, BLOCK_KEYS=block_keys, BLOCK_K=max(2, triton.next_power_of_2(k)),
@@ -136,7 +131,7 @@ def weighted_gather(values, ids, weights):
     if lookups == 0:
         return out.zero_()
     block_d = _block_d(dv)
-    with _on(values.device):
+    with backends.on_device(values.device):
         _gather_kernel[(n, triton.cdiv(dv, block_d))](
             values, ids, weights, out, lookups, dv,
             BLOCK_L=_block_rows(block_d, lookups), BLOCK_D=block_d)
@@ -214,7 +209,7 @@ def weighted_gather_backward(grad_out, values, ids, weights):
         return grad_weights.zero_(), rows, row_grads
     block_d = _block_d(dv)
     block_l = _block_rows(block_d, lookups)
-    with _on(values.device):
+    with backends.on_device(values.device):
         _grad_weights_kernel[(n, triton.cdiv(lookups, block_l))](
             grad_out, values, ids, grad_weights, lookups, dv, BLOCK_L=block_l, BLOCK_D=block_d)
         # Segments are short on average (lookups / unique ids), so a narrower tile wastes fewer lanes.
@@ -283,7 +278,7 @@ def sparse_sgd_step(values, rows, grads, lr, weight_decay, allow_mask):
     if rows.numel() == 0 or values.shape[1] == 0:
         return
     grid, allow, meta = _step_launch(values, rows, allow_mask)
-    with _on(values.device):
+    with backends.on_device(values.device):
         _sgd_kernel[grid](values, rows, grads, allow, rows.numel(), values.shape[1], float(lr),
                           float(weight_decay), **meta)
 
@@ -294,7 +289,7 @@ def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1, 
         return
     grid, allow, meta = _step_launch(values, rows, allow_mask)
     # Scalars derived in double precision in Python, exactly as the reference computes them.
-    with _on(values.device):
+    with backends.on_device(values.device):
         _adam_kernel[grid](values, exp_avg, exp_avg_sq, rows, grads, allow, rows.numel(), values.shape[1],
                            float(lr), float(beta1), float(beta2), 1.0 - beta1, 1.0 - beta2,
                            1.0 - beta1**step, 1.0 - beta2**step, float(eps), 1.0 - lr * weight_decay,
