@@ -10,18 +10,22 @@ full-precision residual window, the rest KIVI-packed (group 64). Backends:
              the new token (it re-quantizes the whole cache every 128 steps, amortized here) and SDPA
              over the dequantized states it returns.
 Configs: `smollm2` heads (9 query / 3 KV heads, head dim 64) and `llama8b` heads (32 / 8, 128) at
-2k and 8k tokens on CPU; `llama8b` at 4k, 32k and 128k on GPU. Ops: kv_decode_int4, kv_decode_int2.
+2k and 8k tokens on CPU; `llama8b` at 4k, 32k and 128k on GPU; `llama8b` at 256 tokens on both,
+where a call is mostly host overhead (checks, dispatch, launches), the floor every decode step
+pays once per layer. Ops: kv_decode_int4, kv_decode_int2. extra_info `checks_us`: the host time of
+the input checks per call, repeated with one set of inputs (as the layers of one decode step call it).
 
     -k "cpu_ctx"   the CPU configs          -k "gpu_ctx"   the GPU configs (about 30 s on an H100)
 """
 import dataclasses
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engram_kernels import backends
-from engram_kernels.ops.kvcache import PackedKV, decode_attention, quantize_kv
+from engram_kernels.ops.kvcache import PackedKV, checks, decode_attention, quantize_kv
 
 RESIDUAL, GROUP = 128, 64
 
@@ -36,10 +40,12 @@ class Config:
 
 
 CONFIGS = {
+    "llama8b-256-cpu_ctx": Config(32, 8, 128, 256, "cpu"),
     "smollm2-2k-cpu_ctx": Config(9, 3, 64, 2048, "cpu"),
     "smollm2-8k-cpu_ctx": Config(9, 3, 64, 8192, "cpu"),
     "llama8b-2k-cpu_ctx": Config(32, 8, 128, 2048, "cpu"),
     "llama8b-8k-cpu_ctx": Config(32, 8, 128, 8192, "cpu"),
+    "llama8b-256-gpu_ctx": Config(32, 8, 128, 256, "cuda"),
     "llama8b-4k-gpu_ctx": Config(32, 8, 128, 4096, "cuda"),
     "llama8b-32k-gpu_ctx": Config(32, 8, 128, 32768, "cuda"),
     "llama8b-128k-gpu_ctx": Config(32, 8, 128, 131072, "cuda"),
@@ -162,8 +168,23 @@ def run_benchmark(benchmark, request, backend, config, bits):
         pct_peak=round(100 * nbytes / seconds / 1e9 / peak_gbps, 1), peak_gbps=peak_gbps,
         kv_bytes=sdpa_bytes(c, elt) if backend == "sdpa" else x.packed[bits].nbytes(),
         speedup_vs_sdpa=round(baseline / seconds, 2) if baseline else None, **timing, **memory)
+    if backend in KERNEL_BACKENDS:
+        benchmark.extra_info["checks_us"] = checks_us(x, bits)
     if backend == "triton":
         benchmark.extra_info["triton_launch_ms"] = triton_launch_timings()
+
+
+def checks_us(x, bits, calls=2000):
+    """Host time of decode_attention's input checks per call (median of 5 loops), the part of a
+    call's host overhead that does not depend on the backend."""
+    args = (x.query, *x.packed[bits].tensors(), x.residual_keys, x.residual_values, bits, GROUP, False)
+    loops = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(calls):
+            checks.check_decode_attention(*args)
+        loops.append((time.perf_counter() - start) / calls * 1e6)
+    return round(sorted(loops)[2], 2)
 
 
 def triton_launch_timings():
