@@ -5,10 +5,11 @@
 #   scripts/gpu_check.sh OUTDIR        (from the repository root)
 #
 # With prebuilt/ (scripts/prebuild_gpu_extensions.sh, run elsewhere; carry it) the build is skipped.
-# Finishes within about 7.5 minutes: every stage has a timeout, the benchmarks get whatever time
-# is left, and a failed stage does not stop the later ones. OUTDIR receives at most six flat files:
-# build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results,
-# written after each benchmark, so a cut-short run keeps what it measured) and report.md.
+# Finishes within about 7 + 1.5 minutes: every stage has a timeout, the benchmarks get whatever time
+# is left of the first 7, and a failed stage does not stop the later ones; then the KV decode probe
+# (KV_PROBE_SECONDS, default 90; 0 skips it). OUTDIR receives at most seven flat files: build.log,
+# tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results, written
+# after each benchmark, so a cut-short run keeps what it measured), report.md and kv-probe.log.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
 # BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: LoRA, KV cache, memory:
@@ -120,6 +121,16 @@ if [ -n "$RESULTS" ]; then
   python3 benchmarks/report.py "$OUT/$(basename "$RESULTS")" | tee "$OUT/report.md"
 else
   echo "no results file was written (see bench.log)"
+fi
+
+# The KV decode probe (kv_decode_probe.py: each kernel against the reference, GPU time vs call time)
+# runs after the deadline, in its own time.
+if [ "${KV_PROBE_SECONDS:-90}" -gt 0 ]; then
+  stage "KV decode probe: python3 scripts/kv_decode_probe.py (limit ${KV_PROBE_SECONDS:-90}s, log: kv-probe.log)"
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 "${KV_PROBE_SECONDS:-90}" python3 scripts/kv_decode_probe.py \
+    >"$OUT/kv-probe.log" 2>&1
+  echo "probe rc=$?"
+  grep -E "^context|max \||call" "$OUT/kv-probe.log" | head -n 20
 fi
 
 echo
