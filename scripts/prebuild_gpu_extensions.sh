@@ -5,7 +5,7 @@
 # the device tool carries it with `carry: ["prebuilt"]`) with the six _C_*.so files and STAMP
 # (scripts/extension_stamp.sh). gpu_check.sh rebuilds there when the stamp or an import disagrees.
 #
-#   scripts/prebuild_gpu_extensions.sh        (~8 min on 2 cores)
+#   scripts/prebuild_gpu_extensions.sh        (~10 min on 2 cores)
 #
 # Environment: VENV (default /opt/gpu211, created with PYTHON312 and torch==2.11.0 if missing),
 # PYTHON312 (default the pyenv 3.12), CUDA_HOME (default /usr/local/cuda-13.0), MAX_JOBS (default 2).
