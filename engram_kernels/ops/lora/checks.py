@@ -1,7 +1,7 @@
 """Input validation, run before any kernel so bad input fails with a clear Python error."""
 import torch
 
-from ..memory.checks import FLOAT_DTYPES, ID_DTYPES, _fail, check_float, check_same_device
+from ..memory.checks import ID_DTYPES, _fail, check_float, check_same_device
 
 
 def check_same_dtype(op, **tensors):
