@@ -2,6 +2,10 @@
 the compiler made of it: registers, stack (spills), shared memory, and the instruction mix of each
 loop (backward branch) in the SASS. A static proxy for GPU time, for sessions without a device:
 fewer instructions per tile and no spills is what to aim for; only a GPU run says what it buys.
+It compiles with the specialization Triton's launcher gives a long-context call (aligned pointers,
+lengths that are multiples of 16): for 60e877d's kernel it gives the registers and shared memory the
+H100 reported in benchmarks/results/logs/nvidia-h100-80gb-hbm3-20261126-1909-kv-probe.log
+(4 warps, 3 stages: 210 registers, 36928 B; 8 warps: 178, 37440 B); without it, 252 registers.
 
     python scripts/triton_sass_stats.py [--bits 4] [--warps 4 8] [--stages 3] [--dtype bfloat16] [--no-ptx]
     python scripts/triton_sass_stats.py --module old.py --bits 4 --warps 4  (another version's kernel)
@@ -29,6 +33,9 @@ POINTERS = {"q_ptr": None, "kc_ptr": "u8", "ks_ptr": "fp16", "kz_ptr": "fp16", "
             "vz_ptr": "fp16", "rk_ptr": None, "rv_ptr": None, "scratch_ptr": "fp32", "counter_ptr": "i32",
             "out_ptr": None}
 SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_splits": "i32", "scale": "fp32"}
+# What Triton's launcher tells the compiler at a long context: torch's allocations are 16-byte
+# aligned and these integers are multiples of 16 (whole groups), so loads can be vectorized.
+MULTIPLES_OF_16 = ("packed_len", "residual_len", "n_groups", "n_splits")
 MMA_KERNEL = "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128EEEvPKT_S6_S6_NS0_4ArgsE"
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -50,8 +57,10 @@ def compile_decode(bits, warps, stages, dtype, ptx, tiles=16, n_rep=4, group=64,
             signature[name] = "*" + (POINTERS[name] or TRITON_TYPES[dtype])
         else:
             signature[name] = SCALARS.get(name, "constexpr")
+    aligned = [k for k in fn.arg_names if k in POINTERS or k in MULTIPLES_OF_16]
     source = ASTSource(fn=fn, signature=signature,
-                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names})
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constants.items() if k in fn.arg_names},
+                       attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps,
                                                                            "num_stages": stages})
 
@@ -83,7 +92,7 @@ def object_stats(path, function=None):
 
 def print_loops(loops, warps):
     for body in sorted(loops, key=lambda b: -sum(b.values()))[:2]:
-        print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(12))}")
+        print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(24))}")
 
 
 def _load(path):
@@ -119,6 +128,7 @@ def main(argv=None):
         for warps in args.warps:
             kernel = compile_decode(bits, warps, args.stages, dtype, not args.no_ptx, kernel=other)
             resources, total, loops = sass_stats(kernel.asm["cubin"])
+            resources["SHARED"] = kernel.metadata.shared  # Triton's is dynamic: cuobjdump sees only static
             print(f"int{bits} {args.dtype} {warps} warps {args.stages} stages: {resources}, {total} instructions")
             print_loops(loops, warps)
 
