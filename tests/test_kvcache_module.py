@@ -1,7 +1,7 @@
 """QuantizedKVCache with transformers' generate on tiny random models (nothing is downloaded)."""
 import pytest
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+from transformers import (DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from engram_kernels import backends
@@ -142,6 +142,45 @@ def test_without_the_attention_function_the_cache_returns_dequantized_states():
     assert out.shape == (1, PROMPT + NEW)
 
 
+def test_a_cache_without_config_returns_dequantized_states():
+    """QuantizedKVCache() cannot see the model's attention function: it must not hand an SDPA model
+    the new tokens alone. With nothing quantized yet, the tokens equal DynamicCache's."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(8))
+    expected = generate(model, DynamicCache(config=model.config), prompt)
+    assert torch.equal(generate(model, QuantizedKVCache(residual_length=1000, sink_length=0), prompt), expected)
+
+
+def test_packed_attention_without_the_attention_function_raises():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(RuntimeError, match="enable_packed_kv_attention"):
+        generate(model, QuantizedKVCache(model.config, packed_attention=True), prompt)
+
+
+def test_reset_empties_the_cache_for_reuse():
+    model = tiny_model()
+    prompt = torch.randint(0, TINY["vocab_size"], (1, PROMPT), generator=torch.Generator().manual_seed(9))
+
+    def cache():
+        return QuantizedKVCache(model.config, bits=4, group_size=8, residual_length=4, sink_length=3)
+    reused = cache()
+    generate(model, reused, prompt)
+    reused.reset()
+    assert reused.get_seq_length() == 0 and reused.layers[0].packed.num_tokens == 0
+    assert reused.nbytes() == 0
+    assert torch.equal(generate(model, reused, prompt), generate(model, cache(), prompt))
+
+
+def test_batch_methods_on_a_fresh_cache():
+    cache = QuantizedKVCache(LlamaConfig(**TINY))
+    cache.batch_repeat_interleave(2)
+    cache.batch_select_indices(torch.tensor([0]))
+    assert cache.get_seq_length() == 0
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="bits must be 2 or 4"):
         QuantizedKVCache(bits=3)
@@ -151,6 +190,10 @@ def test_bad_arguments():
         QuantizedKVCache(sink_length=-1)
     with pytest.raises(ValueError, match="clip must be a number"):
         QuantizedKVCache(key_clip=0.0)
+    with pytest.raises(ValueError, match="bits must be 2 or 4"):
+        QuantizedKVCache(bits=4.0)
+    with pytest.raises(ValueError, match="head dim 96 must be a multiple of the value group"):
+        QuantizedKVCache(LlamaConfig(**{**TINY, "head_dim": 96}), group_size=64)  # at construction, not in generate
 
 
 @pytest.mark.parametrize("residual, sinks, packed_calls", [(4, 0, 3), (8, 2, 3), (0, 2, 1)])

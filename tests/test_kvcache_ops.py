@@ -177,6 +177,27 @@ def test_triton_decode_is_repeatable_and_resets_its_split_counters(kv_case):
     assert not triton_kernels._COUNTERS[query.device].any()
 
 
+def test_decode_attention_of_an_empty_batch_is_empty(kv_case):
+    """No batch rows (or no heads) with a non-empty packed store: an empty result, no kernel launch
+    (the backends size their splits per head)."""
+    _, device = kv_case
+    query, packed, (rk, rv) = _decode_inputs((1, 4, 2, 1, 64, 40, 3, 32), 4, device, torch.float32)
+    empty = packed._replace(**{f: getattr(packed, f)[:0] for f in packed._fields[:6]})
+    out = decode_attention(query[:0], empty, rk[:0], rv[:0])
+    assert out.shape == (0, 4, 1, 64) and out.device == query.device
+
+
+def test_key_groups_need_not_tile_the_head_dim(kv_case):
+    """Key groups run along tokens: only value groups (channels) must divide the head dim."""
+    _, device = kv_case
+    keys = _randn(1, 2, 100, 64, seed=3, device=device, dtype=torch.float32)
+    codes, scale, zero = quantize_keys(keys, 4, 48)
+    expected = naive.quantize_keys(keys.cpu(), 4, 48)
+    assert torch.equal(codes.cpu(), expected[0]) and scale.shape == (1, 2, 3, 64)
+    torch.testing.assert_close(dequantize_keys(codes, scale, zero, 4, 48).cpu(),
+                               naive.dequantize_keys(*expected, 4, 48, torch.float32))
+
+
 @pytest.mark.parametrize("shape", DECODE_SHAPES[:4], ids=str)
 def test_reference_equals_sdpa_on_dequantized_cache(shape):
     query, packed, (rk, rv) = _decode_inputs(shape, 4, "cpu", torch.float32, seed=5)
@@ -216,6 +237,10 @@ def no_kernel_may_run(monkeypatch):
     (lambda: quantize_keys(torch.randn(1, 1, 4, 7), 4, 2), ValueError, "head dim 7 must be a multiple of 2"),
     (lambda: quantize_values(torch.randn(1, 1, 4, 8), 3, 4), ValueError, "bits must be 2 or 4, got 3"),
     (lambda: quantize_values(torch.randn(1, 1, 4, 8), 8, 4), ValueError, "bits must be 2 or 4"),
+    (lambda: quantize_values(torch.randn(1, 1, 4, 8), 4.0, 4), ValueError, r"bits must be 2 or 4, got 4.0 \(an int\)"),
+    (lambda: quantize_keys(torch.randn(1, 1, 4, 0), 4, 4), ValueError, "head dim must be >= 1"),
+    (lambda: quantize_keys(torch.full((1, 1, 4, 8), 7e4), 4, 4), ValueError, r"beyond \+-65504"),
+    (lambda: quantize_values(torch.full((1, 1, 4, 8), -1e5), 4, 4), ValueError, "float16 scales"),
     (lambda: quantize_values(torch.randn(1, 1, 4, 24), 4, 16), ValueError, r"multiple of the value group"),
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 4, 0), ValueError, "group_size must be a positive int"),
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 2, 4, clip=0), ValueError, r"clip must be a number in \(0, 1\]"),
@@ -246,7 +271,7 @@ def _packed(d=8, t=8, h=2, bits=4, g=4):
 @pytest.mark.parametrize("make, error, message", [
     (lambda p: (torch.randn(1, 4, 1, 8).double(), p, None, None), TypeError, "query must be float32"),
     (lambda p: (torch.randn(1, 3, 1, 8), p, None, None), ValueError, "Hq a multiple of Hkv"),
-    (lambda p: (torch.randn(2, 4, 1, 8), p, None, None), ValueError, "Hq a multiple of Hkv"),
+    (lambda p: (torch.randn(2, 4, 1, 8), p, None, None), ValueError, "query batch 2 and packed cache batch 1 differ"),
     (lambda p: (torch.randn(1, 4, 1, 16), p, None, None), ValueError, r"key_codes must have shape"),
     (lambda p: (torch.randn(1, 4, 9, 8), p, None, None), ValueError, "9 query tokens need at least"),
     (lambda p: (torch.randn(1, 4, 1, 8), p, torch.randn(1, 2, 3, 8), None), ValueError, "given together"),
@@ -345,3 +370,10 @@ def test_inline_ptx_unpacks_like_the_bit_path(bits, magic_bits):
             got = [low & 0xFFFF, low >> 16, high & 0xFFFF, high >> 16]
             expected = [((word >> 8 * k) & 0xFF) >> plane * bits & (1 << bits) - 1 | magic_bits for k in range(4)]
             assert got == expected, (plane, hex(word))
+
+
+def test_decode_attention_compiles_in_one_graph_with_value_checks_on():
+    """The NaN checks read the data, which no graph can: torch.compile traces past them."""
+    query, packed, (rk, rv) = _decode_inputs(DECODE_SHAPES[0], 4, "cpu", torch.float32)
+    compiled = torch.compile(lambda q: decode_attention(q, packed, rk, rv), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(query), decode_attention(query, packed, rk, rv))

@@ -250,3 +250,111 @@ def test_eval_harness_lora_impls_adapt_the_same_layers_and_agree():
                                rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown LoRA implementation"):
         evaluate.lora_model(tiny_llama(), "other")
+
+
+# ---- merged, cast, tied, peft models, other heads -------------------------------------------------
+
+def test_disabled_on_a_merged_model_gives_base_logits_and_merges_back():
+    base_logits = tiny_llama()(TOKENS).logits
+    model = apply_lora(tiny_llama(), r=4)
+    randomize_adapters(model)
+    weights = {n: m.weight.detach().clone() for n, m in lora_layers(model).items()}
+    with torch.no_grad():
+        adapted = model(TOKENS).logits
+        for layer in lora_layers(model).values():
+            layer.merge()
+        with lora_disabled(model):
+            torch.testing.assert_close(model(TOKENS).logits, base_logits)
+        assert all(layer.merged for layer in lora_layers(model).values())
+        torch.testing.assert_close(model(TOKENS).logits, adapted, rtol=1e-4, atol=1e-4)
+        for layer in lora_layers(model).values():
+            layer.unmerge()
+    assert all(torch.equal(m.weight, weights[n]) for n, m in lora_layers(model).items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unmerge_after_a_cast_restores_the_weight_within_rounding(dtype):
+    layer = LoRALinear(nn.Linear(64, 64), r=8, alpha=64)
+    nn.init.normal_(layer.lora_B, std=0.5)
+    original = layer.weight.detach().to(dtype)
+    layer.merge().to(dtype)
+    with pytest.warns(UserWarning, match="within rounding"):
+        layer.unmerge()
+    assert layer.weight.dtype == dtype and not layer.merged
+    torch.testing.assert_close(layer.weight.float(), original.float(), rtol=0, atol=0.05)
+
+
+def test_a_tied_head_adapts_but_refuses_to_merge():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, tie_word_embeddings=True)).eval()
+    with pytest.warns(UserWarning, match="tied to model.embed_tokens.weight"):
+        apply_lora(model, target_modules=["lm_head", "q_proj"], r=4)
+    randomize_adapters(model)
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot merge"):
+        model.lm_head.merge()
+    lora_layers(model)["model.layers.0.self_attn.q_proj"].merge()  # untied layers still merge
+    assert torch.equal(model.model.embed_tokens.weight, embeddings)
+
+
+def test_apply_lora_refuses_peft_models_and_adapted_layers():
+    with pytest.raises(TypeError, match="has peft adapters already"):
+        apply_lora(peft_model(tiny_llama()), r=4)
+    model = apply_lora(tiny_llama(), target_modules=["q_proj"], r=4)
+    with pytest.raises(ValueError, match="has an adapter already"):
+        apply_lora(model, target_modules=["q_proj"], r=4)
+    apply_lora(model, target_modules=["v_proj"], r=4)  # other layers may still be adapted
+    assert len(lora_layers(model)) == 4
+
+
+def test_classifier_head_is_not_a_default_target_and_the_adapter_loads_in_peft(tmp_path):
+    def classifier():
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**TINY, num_labels=3, pad_token_id=0)
+        return transformers.LlamaForSequenceClassification(config).eval()
+    ours = apply_lora(classifier(), r=4)
+    assert "score" not in lora_layers(ours) and len(lora_layers(ours)) == 2 * 7
+    randomize_adapters(ours)
+    save_lora(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(classifier(), tmp_path)
+    assert theirs.peft_config["default"].task_type is None  # SEQ_CLS would want the head's weights saved
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(TOKENS).logits, ours(TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_subset_of_layers_is_saved_so_peft_adapts_the_same_ones(tmp_path):
+    ours = apply_lora(tiny_llama(), target_modules=r"model\.layers\.0\.self_attn\.q_proj", r=4)
+    save_lora(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    adapted = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                     if isinstance(m, peft.tuners.lora.Linear))
+    assert adapted == sorted(lora_layers(ours)) == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_peft_rank_pattern_with_an_anchored_key_loads(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             rank_pattern={"^model.layers.0.self_attn.q_proj": 2})
+    theirs = peft.get_peft_model(tiny_llama(), config)
+    randomize_adapters(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = load_lora(tiny_llama(), tmp_path)
+    assert [layer.r for _, layer in sorted(lora_layers(ours).items())] == [2, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(TOKENS).logits, theirs(TOKENS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_lora_scales_stay_exact_when_cast():
+    multi = MultiLoRALinear(nn.Linear(32, 32), 2, r=12, alpha=16).to(torch.bfloat16)
+    assert multi.scales.dtype == torch.float32 and torch.equal(multi.scales, torch.full((2,), 16 / 12))
+    assert multi.lora_A.dtype == torch.bfloat16
+    multi.adapter_ids = torch.tensor([0, 1])
+    assert multi(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: LoRALinear(nn.Linear(8, 8), r=0), ValueError, "rank r must be an int >= 1"),
+    (lambda: LoRALinear(nn.Linear(8, 8), r=2.5), ValueError, "rank r must be an int >= 1, got 2.5"),
+    (lambda: MultiLoRALinear(nn.Linear(8, 8), 2, r=0), ValueError, "rank r must be an int >= 1"),
+])
+def test_module_arguments_are_checked(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

@@ -126,6 +126,14 @@ def test_dropout_mask_statistics_and_seeds():
     assert (mask.float().mean(0).std() < 0.05) and (mask.float().mean(1).std() < 0.05)  # no striping
 
 
+def test_dropout_seed_of_any_size_uses_its_low_32_bits():
+    x, weight, lora_a, lora_b, _, _ = _single_inputs((8, 16, 16, 4), "cpu", torch.float32)
+    big = lora_linear(x, weight, lora_a, lora_b, dropout=0.5, seed=2**70 + 5)
+    assert torch.equal(big, lora_linear(x, weight, lora_a, lora_b, dropout=0.5, seed=5))
+    negative = lora_linear(x, weight, lora_a, lora_b, dropout=0.5, seed=-3)
+    assert torch.equal(negative, lora_linear(x, weight, lora_a, lora_b, dropout=0.5, seed=2**32 - 3))
+
+
 def test_dropout_seed_none_draws_from_torch_generator():
     x, weight, lora_a, lora_b, _, _ = _single_inputs((8, 16, 16, 4), "cpu", torch.float32)
     torch.manual_seed(3)
@@ -276,6 +284,8 @@ def _multi_args():
     (dict(lora_a=torch.randn(2, 8)), ValueError, "lora_a must have 3 dimensions"),
     (dict(adapter_ids=torch.zeros(6, dtype=torch.int64, device="meta")), ValueError, "one device"),
     (dict(x=torch.randn(6, 8).half()), TypeError, "one dtype"),
+    (dict(adapter_ids=[0, 1, 2, 0, 1, 2]), TypeError, "adapter_ids must be an int64 or int32 tensor, got <class"),
+    (dict(scales=torch.ones(3, requires_grad=True)), ValueError, "scales must not require grad"),
 ])
 def test_lora_linear_multi_rejects(no_kernel_may_run, change, error, message):
     with pytest.raises(error, match=message):

@@ -207,3 +207,17 @@ def test_sparse_adam_steps(case, masked):
         if masked:
             blocked = ~allow
             assert torch.equal(got[blocked], values[blocked]) and not state[2][blocked].any()
+
+
+def test_value_checks_do_not_break_a_compiled_graph():
+    """With check_values on (the default) the ops still trace into one graph: the scans that read
+    the data run in eager calls only."""
+    gen = torch.Generator().manual_seed(0)
+    query, keys1, keys2 = torch.randn(5, 2, 16, generator=gen), torch.randn(2, 8, 8), torch.randn(2, 8, 8)
+    values = torch.randn(64, 8, generator=gen)
+
+    def read(q):
+        scores, ids = pk_topk(q, keys1, keys2, 4)
+        return weighted_gather(values, ids.reshape(5, -1), scores.reshape(5, -1).softmax(-1), sparse_grad=False)
+    compiled = torch.compile(read, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(query), read(query))

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,10 +24,26 @@ CONFIG_NAME = "adapter_config.json"
 PREFIX = "base_model.model."
 
 
+CLASSIFIER_HEADS = ("score", "classifier")  # peft's names for a classification model's head
+# peft's task types for model classes it loads without extra modules; for the others (classifiers,
+# whose task types make peft expect the head's weights in the adapter) the saved task_type is null
+TASK_TYPES = (("ForCausalLM", "CAUSAL_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"))
+
+
 def _output_layers(model):
+    """The model's output head: its output embeddings, or else a classifier head (as peft's all-linear)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
+    if head is None:
+        head = next((getattr(model, n) for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)),
+                    None)
     return {id(head)} if head is not None else set()
+
+
+def task_type(model):
+    """peft's task_type for the model's class (None: peft loads a plain PeftModel)."""
+    name = type(model).__name__
+    return next((task for suffix, task in TASK_TYPES if name.endswith(suffix)), None)
 
 
 def _matches(name, targets):
@@ -35,23 +52,46 @@ def _matches(name, targets):
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _check_not_peft(model):
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise TypeError(f"{type(model).__name__} has peft adapters already: merge them (merge_and_unload()) or load "
+                        "the adapter onto the base model with load_lora instead")
+
+
+def _linear_names(model):
+    """Names of the model's linear layers, an adapted one by its LoRALinear's name."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, LoRALinear, MultiLoRALinear)) and not name.endswith(".base_layer")]
+
+
 def target_names(model, target_modules=None):
     """Names of the nn.Linear layers to adapt: `target_modules` as in peft (a list of name
     suffixes, a regex, or None / "all-linear" for every linear layer but the output head)."""
+    _check_not_peft(model)
     heads = _output_layers(model)
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or isinstance(module, (LoRALinear, MultiLoRALinear)):
-            continue
+    names, adapted = [], []
+    for name in _linear_names(model):
+        module = model.get_submodule(name)
         if target_modules in (None, "all-linear"):
-            chosen = id(module) not in heads and name.split(".")[-1] not in ("lm_head", "base_layer")
+            chosen = id(module) not in heads and name.split(".")[-1] != "lm_head"
         else:
             chosen = _matches(name, target_modules)
-        if chosen and not name.endswith(".base_layer"):
-            names.append(name)
+        if chosen:
+            (adapted if isinstance(module, (LoRALinear, MultiLoRALinear)) else names).append(name)
+    if adapted and not names:
+        raise ValueError(f"{type(model).__name__}: every layer matching target_modules={target_modules!r} has an "
+                         f"adapter already (e.g. {adapted[0]})")
     if not names:
         raise ValueError(f"{type(model).__name__}: no nn.Linear matches target_modules={target_modules!r}")
     return names
+
+
+def _tied_names(model):
+    """{id(parameter): names} of parameters that several modules share (tied embeddings)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {key: v for key, v in names.items() if len(v) > 1}
 
 
 def _replace(model, name, module):
@@ -61,7 +101,7 @@ def _replace(model, name, module):
 
 def _pattern_value(name, patterns, default):
     for key, value in (patterns or {}).items():
-        if name == key or name.endswith("." + key) or re.fullmatch(rf".*\.{key}", name):
+        if re.match(rf"(.*\.)?({key})$", name):  # as peft's get_pattern_key
             return value
     return default
 
@@ -73,11 +113,19 @@ def apply_lora(model, target_modules=None, r=8, alpha=8, dropout=0.0, use_rslora
     Defaults follow peft's LoraConfig (r=8, lora_alpha=8, no dropout) with target_modules=None
     meaning "all-linear": every linear layer of attention and MLP, not the output head.
     """
+    names = target_names(model, target_modules)
+    tied = _tied_names(model)
     model.requires_grad_(False)
-    for name in target_names(model, target_modules):
-        layer_r = _pattern_value(name, rank_pattern, r)
-        layer_alpha = _pattern_value(name, alpha_pattern, alpha)
-        _replace(model, name, LoRALinear(model.get_submodule(name), layer_r, layer_alpha, dropout, use_rslora))
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoRALinear(base, _pattern_value(name, rank_pattern, r), _pattern_value(name, alpha_pattern, alpha),
+                           dropout, use_rslora)
+        shared = [n for n in tied.get(id(base.weight), []) if n != f"{name}.weight"]
+        if shared:
+            warnings.warn(f"apply_lora: {name}'s weight is tied to {', '.join(shared)}; its adapter works, but it "
+                          "cannot be merged (merging would change the tied layers too)")
+            layer.tied_to = shared
+        _replace(model, name, layer)
     model._engram_lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
                                  "rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
     return model
@@ -94,8 +142,12 @@ def lora_parameters(model):
 
 @contextlib.contextmanager
 def lora_disabled(model):
-    """The base model's outputs inside the block (adapters skipped, not removed)."""
+    """The base model's outputs inside the block (adapters skipped, not removed; merged layers are
+    unmerged for the block and merged again after it, both exact)."""
     layers = list(lora_layers(model).values())
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
     for layer in layers:
         layer.disabled = True
     try:
@@ -103,6 +155,8 @@ def lora_disabled(model):
     finally:
         for layer in layers:
             layer.disabled = False
+        for layer in merged:
+            layer.merge()
 
 
 def merge_lora_layers(model):
@@ -150,13 +204,13 @@ def adapter_config(model):
     base_config = getattr(model, "config", None)
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type(model),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": config.get("lora_dropout", first.dropout),
         "use_rslora": config.get("use_rslora", first.use_rslora),
-        "target_modules": sorted({name.split(".")[-1] for name in layers}),
+        "target_modules": _saved_targets(model, layers),
         "rank_pattern": {name: m.r for name, m in layers.items() if m.r != r},
         "alpha_pattern": {name: m.alpha for name, m in layers.items() if m.alpha != alpha},
         "bias": "none",
@@ -167,6 +221,15 @@ def adapter_config(model):
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+
+
+def _saved_targets(model, layers):
+    """The layer names' suffixes when they select exactly the adapted layers in peft, else a regex of
+    the full names (a subset of the layers, e.g. one block's q_proj)."""
+    suffixes = sorted({name.split(".")[-1] for name in layers})
+    if {n for n in _linear_names(model) if _matches(n, suffixes)} == set(layers):
+        return suffixes
+    return "(?:" + "|".join(re.escape(name) for name in sorted(layers)) + ")"
 
 
 def save_lora(model, path):

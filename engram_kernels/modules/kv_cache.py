@@ -57,8 +57,7 @@ class QuantizedKVLayer(DynamicLayer):
     def __init__(self, bits=4, group_size=64, residual_length=128, packed_attention=True, sink_length=16,
                  key_clip=None, rotate=False):
         super().__init__()
-        if bits not in (2, 4):
-            raise ValueError(f"bits must be 2 or 4, got {bits!r}")
+        checks.check_bits("QuantizedKVCache", bits)
         key_clip = default_key_clip(bits) if key_clip is None else key_clip
         checks.check_clip("QuantizedKVCache", key_clip)
         if group_size < 1 or residual_length < 0 or sink_length < 0:
@@ -71,15 +70,25 @@ class QuantizedKVLayer(DynamicLayer):
         self.rotation = None
         self.packed = None
         self.cumulative_length = 0
+        self._unread = False  # a decode step's tagged states not yet read by packed_kv_attention
 
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.rotate:
             self.rotation = hadamard_rotation(key_states.shape[-1], key_states.device)
-        self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
-        self.sink_keys, self.sink_values = self.keys, self.values
-        self.packed = quantize_kv(self.keys, self.values, self.bits, self.group_size, check_values=False)
+        self._empty(key_states[..., :0, :], value_states[..., :0, :])
         self.is_initialized = True
+
+    def _empty(self, keys, values):
+        self.keys, self.values = keys, values
+        self.sink_keys, self.sink_values = keys, values
+        self.packed = quantize_kv(keys, values, self.bits, self.group_size, check_values=False)
+        self.cumulative_length, self._unread = 0, False
+
+    def reset(self):
+        """Forgets every cached token (packed, sinks, residual window); the layer stays usable."""
+        if self.is_initialized:
+            self._empty(self.keys[..., :0, :], self.values[..., :0, :])
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -94,6 +103,12 @@ class QuantizedKVLayer(DynamicLayer):
             return key_states, value_states
         if not self.packed_attention:
             return self.dequantized()
+        if self._unread:
+            raise RuntimeError(
+                "QuantizedKVCache(packed_attention=True): the last decode step's attention did not read the "
+                "packed cache, so it attended to the new tokens only. Call enable_packed_kv_attention(model) "
+                "before generating, or build the cache with packed_attention=False.")
+        self._unread = True
         setattr(key_states, _LAYER_ATTR, self)
         return key_states, value_states
 
@@ -164,7 +179,8 @@ class QuantizedKVLayer(DynamicLayer):
             self.packed = PackedKV(*(t[beam_idx] for t in self.packed.tensors()), self.bits, self.group_size)
 
     def batch_repeat_interleave(self, repeats):
-        self.reorder_cache(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+        if self.is_initialized:
+            self.reorder_cache(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
 
     def batch_select_indices(self, indices):
         self.reorder_cache(indices)
@@ -175,14 +191,17 @@ class QuantizedKVCache(Cache):
 
     `config`: the model's config; full-attention layers are packed, sliding-window ones keep
     transformers' own layers. Without a config every layer is packed, created as it is first used.
-    `packed_attention` (default: whether the config selects `engram_packed_kv`, or True without a
-    config) makes decode steps use the fused attention; False returns dequantized states instead.
+    `packed_attention` (default: whether the config selects `engram_packed_kv`; False without a
+    config) makes decode steps use the fused attention; False returns dequantized states instead,
+    which every attention implementation reads correctly. With True on a model whose attention is not
+    `engram_packed_kv`, the next decode step raises (the step before attended to its own tokens only).
+    Cannot be cropped (assisted generation); `reset()` empties it for reuse.
     """
 
     def __init__(self, config=None, bits=4, group_size=64, residual_length=128, packed_attention=None,
                  sink_length=16, key_clip=None, rotate=False):
         if packed_attention is None:
-            packed_attention = config is None or getattr(config, "_attn_implementation", None) == ATTENTION_NAME
+            packed_attention = getattr(config, "_attn_implementation", None) == ATTENTION_NAME
         make = functools.partial(QuantizedKVLayer, bits, group_size, residual_length, packed_attention, sink_length,
                                  key_clip, rotate)
         make()  # validates the arguments now rather than at the first forward
@@ -190,7 +209,10 @@ class QuantizedKVCache(Cache):
         if config is None:
             super().__init__(layer_class_to_replicate=make)
             return
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        text_config = config.get_text_config(decoder=True)
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        checks.check_format("QuantizedKVCache", head_dim, bits, group_size)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         layers = [make() if kind == "full_attention" else DYNAMIC_LAYER_TYPE_MAPPING[kind](**layer_kwargs)
                   for kind in layer_types]
         super().__init__(layers=layers)
@@ -211,6 +233,7 @@ def packed_kv_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    layer._unread = False
     q_len, kv_len = query.shape[2], layer.get_seq_length()
     unusual_mask = attention_mask is not None and not _plain_causal(attention_mask, q_len, kv_len)
     # With sinks, the new tokens must all still be in the residual window to come last (see full_precision).

@@ -5,6 +5,7 @@ LoRALinear follows peft's LoRA layer: y = base(x) + lora_B(lora_A(dropout(x))) Â
 nothing. The base layer is frozen and kept as `base_layer`, as in peft.
 """
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -16,9 +17,11 @@ def lora_scale(r, alpha, use_rslora=False):
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def _check_base(base):
+def _check_base(base, r):
     if not isinstance(base, nn.Linear):
         raise TypeError(f"LoRA wraps an nn.Linear, got {type(base).__name__}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"rank r must be an int >= 1, got {r!r}")
     base.requires_grad_(False)
 
 
@@ -27,14 +30,13 @@ class LoRALinear(nn.Module):
 
     forward runs the fused op (one pass for base and branch, no Î”W, dropout regenerated from a
     seed in the backward). `merge()` folds the adapter into the base weight (then forward is the
-    plain linear); `unmerge()` restores the original weight bit for bit.
+    plain linear); `unmerge()` restores the original weight bit for bit (to within rounding if the
+    layer was cast to another dtype while merged). As in peft, `merged` is not part of the state dict.
     """
 
     def __init__(self, base, r=8, alpha=8, dropout=0.0, use_rslora=False, adapter_dtype=None):
         super().__init__()
-        _check_base(base)
-        if r < 1:
-            raise ValueError(f"rank r must be >= 1, got {r}")
+        _check_base(base, r)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         factory = {"dtype": adapter_dtype or base.weight.dtype, "device": base.weight.device}
@@ -44,7 +46,11 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
         self.merged, self.disabled = False, False
-        self._merge_residual = None
+        self.tied_to = []  # names sharing the base weight (tied embeddings): merging would change them
+        # a buffer, so it follows .to(device); it stays an int under .to(dtype), and _merged_dtype says
+        # which weight dtype its bit differences belong to
+        self.register_buffer("_merge_residual", None, persistent=False)
+        self._merged_dtype = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -62,6 +68,8 @@ class LoRALinear(nn.Module):
                 f"dropout={self.dropout}, merged={self.merged}")
 
     def forward(self, x):
+        if self.disabled and self.merged:  # as peft: the base model's output needs the weight back
+            self.unmerge()
         if self.merged or self.disabled:
             return self.base_layer(x)
         dtype = x.dtype
@@ -70,15 +78,23 @@ class LoRALinear(nn.Module):
                            dropout=self.dropout if self.training else 0.0)
 
     def merge(self):
+        if self.tied_to:
+            raise ValueError(f"cannot merge a LoRA layer whose weight is tied to {', '.join(self.tied_to)}: "
+                             "merging would change those layers too")
         if not self.merged:
             self._merge_residual = merge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling)
-            self.merged = True
+            self._merged_dtype, self.merged = self.weight.dtype, True
         return self
 
     def unmerge(self):
         if self.merged:
-            unmerge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling, self._merge_residual)
-            self.merged, self._merge_residual = False, None
+            residual = self._merge_residual
+            if self._merged_dtype != self.weight.dtype:
+                warnings.warn(f"LoRALinear was cast from {self._merged_dtype} to {self.weight.dtype} while merged: "
+                              "unmerge restores the weight to within rounding, not bit for bit")
+                residual = None
+            unmerge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling, residual)
+            self.merged, self._merge_residual, self._merged_dtype = False, None, None
         return self
 
 
@@ -92,7 +108,7 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base, n_adapters, r=8, alpha=8, use_rslora=False, adapter_dtype=None):
         super().__init__()
-        _check_base(base)
+        _check_base(base, r)
         factory = {"dtype": adapter_dtype or base.weight.dtype, "device": base.weight.device}
         self.base_layer = base
         self.r, self.alpha = r, alpha
@@ -108,6 +124,12 @@ class MultiLoRALinear(nn.Module):
     @property
     def n_adapters(self):
         return self.lora_A.shape[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        scales = self.scales
+        super()._apply(fn, *args, **kwargs)
+        self.scales = scales.to(self.lora_A.device)  # fp32 under .to(dtype): a bf16 scale is off by ~0.2%
+        return self
 
     def forward(self, x):
         if self.adapter_ids is None:

@@ -21,3 +21,14 @@ def eager_function(name, forward, setup_context, grad, backward_impl):
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(run_forward), "backward": staticmethod(run_backward)})
+
+
+def traced():
+    """Whether torch.compile is tracing (then the torch.library op runs, not the eager twin)."""
+    return torch.compiler.is_compiling()
+
+
+def values_checked(check_values):
+    """Value checks (NaN, id ranges) read the data: a device sync, and no graph under torch.compile,
+    so they are skipped while tracing."""
+    return check_values and not traced()

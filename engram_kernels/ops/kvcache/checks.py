@@ -7,34 +7,48 @@ from ..memory.checks import FLOAT_DTYPES, check_finite, check_float, check_same_
 from .naive import SCALE_DTYPE, codes_per_byte, value_group
 
 BITS = (2, 4)
+FP16_MAX = torch.finfo(SCALE_DTYPE).max
 
 
 def _fail(op, message):
     raise ValueError(f"{op}: {message}")
 
 
-def check_format(op, head_dim, bits, group_size):
-    if isinstance(bits, bool) or bits not in BITS:
-        _fail(op, f"bits must be 2 or 4, got {bits!r}")
+def check_bits(op, bits):
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in BITS:
+        _fail(op, f"bits must be 2 or 4, got {bits!r} (an int)")
+
+
+def check_format(op, head_dim, bits, group_size, values=True):
+    """`values`: the op stores values too, whose groups (min(group_size, D) channels) must tile D."""
+    check_bits(op, bits)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         _fail(op, f"group_size must be a positive int, got {group_size!r}")
+    if head_dim < 1:
+        _fail(op, f"head dim must be >= 1, got {head_dim}")
     per = codes_per_byte(bits)
     if head_dim % per:
         _fail(op, f"head dim {head_dim} must be a multiple of {per} to pack {bits}-bit codes into bytes")
     gv = value_group(head_dim, group_size)
-    if head_dim % gv:
+    if values and head_dim % gv:
         _fail(op, f"head dim {head_dim} must be a multiple of the value group min(group_size, D)={gv}")
 
 
 def check_states(op, name, x, check_values):
     check_float(op, name, x, 4)
-    if check_values:
-        check_finite(op, **{name: x})
+    if check_values and x.numel():
+        peak = float(x.detach().abs().amax())  # NaN propagates: one reduction checks both
+        if not math.isfinite(peak):
+            _fail(op, f"{name} contains NaN or Inf")
+        if peak > FP16_MAX:
+            _fail(op, f"{name} holds values beyond +-{FP16_MAX:g} (|x| up to {peak:g}): the float16 scales and "
+                      "zero points cannot represent them")
 
 
 def check_quantize(op, x, bits, group_size, check_values=True):
-    check_states(op, "keys" if "key" in op else "values", x, check_values)
-    check_format(op, x.shape[-1], bits, group_size)
+    keys = "key" in op
+    check_states(op, "keys" if keys else "values", x, check_values)
+    check_format(op, x.shape[-1], bits, group_size, values=not keys)
 
 
 def check_clip(op, clip):
@@ -79,10 +93,9 @@ def check_packed_values(op, codes, scale, zero, head_dim, bits, group_size):
 def check_dequantize(op, codes, scale, zero, bits, group_size, dtype):
     if not isinstance(codes, torch.Tensor) or codes.dim() != 4:
         _fail(op, f"codes must be a (B, H, T, D*bits/8) tensor, got {getattr(codes, 'shape', codes)}")
-    if isinstance(bits, bool) or bits not in BITS:
-        _fail(op, f"bits must be 2 or 4, got {bits!r}")
+    check_bits(op, bits)
     head_dim = codes.shape[-1] * codes_per_byte(bits)
-    check_format(op, head_dim, bits, group_size)
+    check_format(op, head_dim, bits, group_size, values=op == "dequantize_values")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be float32, bfloat16 or float16, got {dtype}")
     check = check_packed_keys if op == "dequantize_keys" else check_packed_values
@@ -135,7 +148,9 @@ def _check_decode_structure(query, key_codes, key_scale, key_zero, value_codes, 
     if value_codes.shape[:3] != key_codes.shape[:3]:
         _fail(op, f"value_codes {tuple(value_codes.shape)} and key_codes {tuple(key_codes.shape)} must hold "
                   "the same (B, H, T)")
-    if bk != b or hkv < 1 or hq % hkv:
+    if bk != b:
+        _fail(op, f"query batch {b} and packed cache batch {bk} differ")
+    if hkv < 1 or hq % hkv:
         _fail(op, f"query (B, Hq, Tq, D)={tuple(query.shape)} needs packed keys (B, Hkv, ...) with Hq a "
                   f"multiple of Hkv, got {tuple(key_codes.shape)}")
     r = _check_residual(op, query, residual_keys, residual_values, (b, hkv, d))

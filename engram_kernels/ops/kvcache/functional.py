@@ -11,15 +11,13 @@ import torch
 from torch import Tensor
 
 from ... import backends
+from ..eager import traced, values_checked
 from . import checks, naive
 
 def backend_module(device):
     """The module implementing the KV-cache ops for the backend chosen on `device`."""
     return backends.op_module("kvcache", device)
 
-
-def _traced():
-    return torch.compiler.is_compiling()
 
 
 class PackedKV(NamedTuple):
@@ -105,30 +103,30 @@ def quantize_keys(keys, bits=4, group_size=64, check_values=True, clip=1.0):
     """Keys (B, H, T, D) -> (codes uint8 (B, H, T, D*bits/8), scale, zero fp16 (B, H, ceil(T/G), D)):
     per-channel asymmetric quantization over groups of `group_size` tokens (KIVI). `clip` < 1
     quantizes each group over the middle `clip` of its range (see naive.clip_key_range)."""
-    checks.check_quantize("quantize_keys", keys, bits, group_size, check_values)
+    checks.check_quantize("quantize_keys", keys, bits, group_size, values_checked(check_values))
     checks.check_clip("quantize_keys", clip)
     keys = naive.clip_key_range(keys, group_size, clip)
-    op = _quantize_keys_op if _traced() else _quantize_keys
+    op = _quantize_keys_op if traced() else _quantize_keys
     return op(keys.contiguous(), bits, group_size)
 
 
 def quantize_values(values, bits=4, group_size=64, check_values=True):
     """Values (B, H, T, D) -> (codes uint8 (B, H, T, D*bits/8), scale, zero fp16 (B, H, T, D/Gv)):
     per-token asymmetric quantization over groups of Gv = min(group_size, D) channels (KIVI)."""
-    checks.check_quantize("quantize_values", values, bits, group_size, check_values)
-    op = _quantize_values_op if _traced() else _quantize_values
+    checks.check_quantize("quantize_values", values, bits, group_size, values_checked(check_values))
+    op = _quantize_values_op if traced() else _quantize_values
     return op(values.contiguous(), bits, group_size)
 
 
 def dequantize_keys(codes, scale, zero, bits=4, group_size=64, dtype=torch.float32):
     checks.check_dequantize("dequantize_keys", codes, scale, zero, bits, group_size, dtype)
-    op = _dequantize_keys_op if _traced() else _dequantize_keys
+    op = _dequantize_keys_op if traced() else _dequantize_keys
     return op(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits, group_size, dtype)
 
 
 def dequantize_values(codes, scale, zero, bits=4, group_size=64, dtype=torch.float32):
     checks.check_dequantize("dequantize_values", codes, scale, zero, bits, group_size, dtype)
-    op = _dequantize_values_op if _traced() else _dequantize_values
+    op = _dequantize_values_op if traced() else _dequantize_values
     return op(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits, group_size, dtype)
 
 
@@ -177,11 +175,13 @@ def decode_attention(query, packed: PackedKV, residual_keys: Optional[Tensor] = 
     """
     p = packed
     checks.check_decode_attention(query, *p.tensors(), residual_keys, residual_values, p.bits, p.group_size,
-                                  check_values)
+                                  values_checked(check_values))
     b, _, _, d = query.shape
+    if query.numel() == 0:  # no batch rows or no heads: nothing for a kernel to do
+        return torch.empty_like(query, memory_format=torch.contiguous_format)
     if residual_keys is None:
         residual_keys = residual_values = query.new_empty(b, p.key_codes.shape[1], 0, d)
     scale = d ** -0.5 if scale is None else float(scale)
-    op = _decode_attention_op if _traced() else _decode_attention
+    op = _decode_attention_op if traced() else _decode_attention
     return op(query.contiguous(), *(t.contiguous() for t in p.tensors()), residual_keys.contiguous(),
               residual_values.contiguous(), p.bits, p.group_size, scale)

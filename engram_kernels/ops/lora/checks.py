@@ -54,6 +54,11 @@ def check_lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias
     check_float(op, "lora_a", lora_a, 3)
     check_float(op, "lora_b", lora_b, 3)
     check_float(op, "scales", scales, 1)
+    if scales.requires_grad:
+        raise ValueError(f"{op}: scales must not require grad (the op computes no gradient for them)")
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"{op}: adapter_ids must be an int64 or int32 tensor, "
+                        f"got {getattr(adapter_ids, 'dtype', type(adapter_ids))}")
     check_same_device(op, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, scales=scales,
                       adapter_ids=adapter_ids, bias=bias)
     check_same_dtype(op, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias)
@@ -67,9 +72,6 @@ def check_lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias
     if scales.shape != (n_adapters,):
         _fail(op, f"scales must have shape (n_adapters,)=({n_adapters},), got {tuple(scales.shape)}")
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in ID_DTYPES:
-        raise TypeError(f"{op}: adapter_ids must be an int64 or int32 tensor, "
-                        f"got {getattr(adapter_ids, 'dtype', type(adapter_ids))}")
     if adapter_ids.shape != x.shape[:-1]:
         _fail(op, f"adapter_ids must have x's leading shape {tuple(x.shape[:-1])} (one id per row), "
                   f"got {tuple(adapter_ids.shape)}")

@@ -14,16 +14,13 @@ import torch
 from torch import Tensor
 
 from ... import backends
-from ..eager import eager_function
+from ..eager import eager_function, traced, values_checked
 from . import checks, naive
 
 def backend_module(device):
     """The module implementing the LoRA ops for the backend chosen on `device`."""
     return backends.op_module("lora", device)
 
-
-def _traced():
-    return torch.compiler.is_compiling()
 
 
 def _frozen_grads(grad_y, x, needs_weight, needs_bias):
@@ -94,16 +91,17 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout=0.0, se
     x (..., in); weight (out, in), frozen (its gradient is only computed if it requires one);
     lora_a (r, in); lora_b (out, r); one dtype for all. `dropout` drops elements of the LoRA
     branch's input (as peft's lora_dropout) with a mask derived from `seed` (None: drawn from
-    torch's generator), identical on every backend and regenerated in the backward.
+    torch's generator; any int, of which the mask uses the low 32 bits), identical on every backend
+    and regenerated in the backward.
     Gradients: x, lora_a, lora_b (and weight / bias if they require one).
     """
     checks.check_lora_linear(x, weight, lora_a, lora_b, scale, bias, dropout, 0 if seed is None else seed)
     if dropout and seed is None:
         seed = random_seed()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    op = _lora_op if _traced() else _LoRALinear.apply
+    op = _lora_op if traced() else _LoRALinear.apply
     y, _ = op(x2, weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), float(scale),
-              float(dropout), int(seed or 0))
+              float(dropout), int(seed or 0) % 2**32)  # the mask reads the seed's low 32 bits only
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -182,10 +180,11 @@ def lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias=None,
     adapter_ids = per_row_ids(adapter_ids, x)
     if not isinstance(scales, Tensor):
         scales = torch.full((n_adapters,), float(scales), device=getattr(x, "device", None))
-    checks.check_lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias, check_values)
+    checks.check_lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias,
+                                   values_checked(check_values))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     perm, offsets = naive.segments(adapter_ids.reshape(-1), n_adapters)
-    op = _multi_op if _traced() else _LoRALinearMulti.apply
+    op = _multi_op if traced() else _LoRALinearMulti.apply
     y, _ = op(x2, weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), scales.float().contiguous(),
               perm, offsets)
     return y.view(*x.shape[:-1], weight.shape[0])

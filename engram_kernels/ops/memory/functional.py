@@ -12,16 +12,13 @@ import torch
 from torch import Tensor
 
 from ... import backends
-from ..eager import eager_function
+from ..eager import eager_function, traced, values_checked
 from . import checks, naive
 
 def backend_module(device):
     """The module implementing the memory ops for the backend chosen on `device`."""
     return backends.op_module("memory", device)
 
-
-def _traced():
-    return torch.compiler.is_compiling()
 
 
 # ---- product-key top-k -------------------------------------------------------------------------
@@ -79,8 +76,8 @@ def pk_topk(query, keys1, keys2, k, check_values=True):
     descending, and int64 slot ids (N, H, k). Differentiable w.r.t. query and keys.
     `check_values=False` skips the NaN scan (a device sync on GPUs).
     """
-    checks.check_pk_topk(query, keys1, keys2, k, check_values)
-    op = _pk_topk_op if _traced() else _PkTopk.apply
+    checks.check_pk_topk(query, keys1, keys2, k, values_checked(check_values))
+    op = _pk_topk_op if traced() else _PkTopk.apply
     return op(query.contiguous(), keys1.contiguous(), keys2.contiguous(), k)
 
 
@@ -149,8 +146,8 @@ def weighted_gather(values, ids, weights, sparse_grad=True, check_values=True):
     COO tensor holding only the touched rows (`sparse_grad=False` gives a dense one, which is
     n_slots x Dv). `check_values=False` skips the id-range and NaN scans (device syncs on GPUs).
     """
-    checks.check_weighted_gather(values, ids, weights, check_values)
-    op = _gather_op if _traced() else _WeightedGather.apply
+    checks.check_weighted_gather(values, ids, weights, values_checked(check_values))
+    op = _gather_op if traced() else _WeightedGather.apply
     return op(values.contiguous(), ids.long().contiguous(), weights.contiguous(), sparse_grad)
 
 
@@ -175,8 +172,8 @@ _adam_step_op = torch.library.custom_op("engram::sparse_adam_step", _adam_step,
 
 def sparse_sgd_step(values, rows, grads, lr, weight_decay=0.0, allow_mask=None, check_values=True):
     """In place on `values`: SGD on the given unique rows; rows outside `allow_mask` stay unchanged."""
-    checks.check_sparse_step("sparse_sgd_step", values, rows, grads, allow_mask, (), check_values)
-    step = _sgd_step_op if _traced() else _sgd_step
+    checks.check_sparse_step("sparse_sgd_step", values, rows, grads, allow_mask, (), values_checked(check_values))
+    step = _sgd_step_op if traced() else _sgd_step
     step(values, rows.long().contiguous(), grads.contiguous(), float(lr), float(weight_decay), allow_mask)
 
 
@@ -184,9 +181,9 @@ def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1=0
                      weight_decay=0.0, allow_mask=None, check_values=True):
     """In place: lazy Adam on the given unique rows of `values` and its fp32 state (see naive.py)."""
     checks.check_sparse_step("sparse_adam_step", values, rows, grads, allow_mask, (exp_avg, exp_avg_sq),
-                             check_values)
+                             values_checked(check_values))
     if step < 1:
         raise ValueError(f"sparse_adam_step: step counts updates and starts at 1, got {step}")
-    update = _adam_step_op if _traced() else _adam_step
+    update = _adam_step_op if traced() else _adam_step
     update(values, exp_avg, exp_avg_sq, rows.long().contiguous(), grads.contiguous(), int(step), float(lr),
            float(beta1), float(beta2), float(eps), float(weight_decay), allow_mask)
