@@ -4,8 +4,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from engram_kernels.integrations import (add_memory_layers, calibrate_memory_queries, load_memory, memory_layers,
-                                         memory_parameters, save_memory)
+from engram_kernels.integrations import (add_memory_layers, calibrate_memory_queries, load_memory, memory_disabled,
+                                         memory_layers, memory_parameters, save_memory)
 from engram_kernels.optim import FusedSparseAdam
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -130,3 +130,42 @@ def test_bad_layer_choices_are_rejected():
         add_memory_layers(model, layers=[0], **MEMORY)
     with pytest.raises(ValueError, match="found no decoder layers"):
         add_memory_layers(torch.nn.Linear(3, 3))
+
+
+def test_memory_goes_into_the_language_model_of_a_vision_language_model():
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=dict(**TINY, head_dim=16), vision_config=vision,
+                                       mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    add_memory_layers(model, layers=[1], value_init="normal", **MEMORY)
+    assert model.model.language_model.layers[1].mlp.memory is memory_layers(model)[1]
+    with torch.no_grad(), memory_disabled(model):
+        base = model(input_ids=TOKENS).logits
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=TOKENS).logits, base)  # text forwards read the memory
+
+
+def test_a_memory_of_another_width_is_refused(tmp_path):
+    wide = build("llama")
+    add_memory_layers(wide, layers=[0, 2], **MEMORY)
+    save_memory(wide, tmp_path)
+    torch.manual_seed(0)
+    narrow = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "hidden_size": 32})).eval()
+    with pytest.raises(ValueError, match="memory dim 64 does not match LlamaForCausalLM's hidden size 32"):
+        load_memory(narrow, tmp_path)
+    assert memory_layers(narrow) == {}
+    with pytest.raises(ValueError, match=r"takes \(\.\.\., 64\) inputs, got \(2, 32\)"):
+        memory_layers(wide)[0](torch.randn(2, 32))
+
+
+def test_a_failed_load_leaves_the_model_as_it_was(tmp_path):
+    model = build("llama")
+    add_memory_layers(model, layers=[0, 2], **MEMORY)
+    save_memory(model, tmp_path)
+    other = build("llama")
+    add_memory_layers(other, layers=[2], **{**MEMORY, "k": 2})  # layer 0 loads, then layer 2 disagrees
+    with pytest.raises(ValueError, match="layer 2: saved memory config"):
+        load_memory(other, tmp_path)
+    assert sorted(memory_layers(other)) == [2]

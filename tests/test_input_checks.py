@@ -70,3 +70,5 @@ def test_sparse_steps_reject_bad_input():
         sparse_adam_step(values, state.half(), state, rows, grads, 1, 0.1)
     with pytest.raises(ValueError, match="step counts updates and starts at 1"):
         sparse_adam_step(values, state, state.clone(), rows, grads, 0, 0.1)
+    with pytest.raises(ValueError, match="rows must be unique"):
+        sparse_sgd_step(values, torch.tensor([3, 1, 3]), torch.randn(3, 4), 0.1)

@@ -171,12 +171,19 @@ def _step_inputs(device, dtype, n_slots=50, dv=24, touched=20, seed=5):
     return values, rows, grads, allow
 
 
-@pytest.mark.parametrize("masked", [False, True])
+def _mask(allow, masked):
+    """None, the mask, or the same mask as a strided view (the kernels index it row by row)."""
+    if masked == "strided":
+        return torch.stack([allow, ~allow], 1)[:, 0]
+    return allow if masked else None
+
+
+@pytest.mark.parametrize("masked", [False, True, "strided"])
 def test_sparse_sgd_step(case, masked):
     _, device = case
     for dtype in _dtype_cases(case):
         values, rows, grads, allow = _step_inputs(device, dtype)
-        mask = allow if masked else None
+        mask = _mask(allow, masked)
         expected = values.clone()
         naive.sparse_sgd_step(expected, rows, grads, 0.1, 0.01, mask)
         got = values.clone()
@@ -189,12 +196,12 @@ def test_sparse_sgd_step(case, masked):
         assert torch.equal(got[untouched], values[untouched]), "rows outside rows/allow_mask changed"
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, True, "strided"])
 def test_sparse_adam_steps(case, masked):
     _, device = case
     for dtype in _dtype_cases(case):
         values, rows, grads, allow = _step_inputs(device, dtype)
-        mask = allow if masked else None
+        mask = _mask(allow, masked)
         state = [torch.zeros(values.shape, device=device) for _ in range(4)]
         got, expected = values.clone(), values.clone()
         for step in (1, 2, 3):

@@ -65,6 +65,36 @@ def test_fused_optimizers_change_only_allowed_touched_rows(optimizer):
     assert changed.any() and not changed[~allow].any()
 
 
+@pytest.mark.parametrize("optimizer", [FusedSparseAdam, FusedSparseSGD])
+def test_fused_optimizers_resume_from_their_state_dict(optimizer):
+    """A bf16 table's fp32 moments and bool allow-mask come back as they were saved."""
+    torch.manual_seed(0)
+    memory = ProductKeyMemory(32, dtype=torch.bfloat16, **SMALL)
+    x = torch.randn(3, 4, 32, dtype=torch.bfloat16)
+
+    def step(opt, inputs):
+        opt.zero_grad()
+        memory(inputs).float().square().sum().backward()
+        opt.step()
+    opt = optimizer([memory.values], lr=0.1)
+    opt.set_allow_mask(memory.values, torch.arange(memory.n_slots) % 2 == 0)
+    step(opt, x[0])
+    step(opt, x[1])
+    resumed = optimizer([memory.values], lr=0.1)
+    resumed.load_state_dict(opt.state_dict())
+    for key, value in opt.state[memory.values].items():
+        loaded = resumed.state[memory.values][key]
+        if torch.is_tensor(value):
+            assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
+        else:
+            assert loaded == value, key
+    saved = memory.values.detach().clone()
+    step(opt, x[2])
+    expected, memory.values.data = memory.values.detach().clone(), saved
+    step(resumed, x[2])
+    assert torch.equal(memory.values, expected)
+
+
 def test_accumulated_sparse_gradients_are_coalesced_by_the_optimizer():
     torch.manual_seed(0)
     memory = ProductKeyMemory(16, value_init="normal", **SMALL)

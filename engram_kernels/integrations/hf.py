@@ -34,9 +34,19 @@ class MLPWithMemory(nn.Module):
         return out + self.memory(x) if self.memory_enabled else out
 
 
+def _text_decoder(model):
+    """The language model's decoder (not a vision tower's encoder) where the model names it."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    return decoder if isinstance(decoder, nn.Module) else model
+
+
 def decoder_layers(model):
     """The ModuleList of decoder blocks (each with an `.mlp`) of a causal LM."""
-    for name, module in model.named_modules():
+    for name, module in _text_decoder(model).named_modules():
         if name.endswith("layers") and isinstance(module, nn.ModuleList) and len(module) \
                 and all(hasattr(block, "mlp") for block in module):
             return module
@@ -65,6 +75,19 @@ def _resolve_layers(layers, count):
 MEMORY_CLASSES = {"product_keys": ProductKeyMemory, "ngram": NgramMemory}
 
 
+def _check_dim(model, config):
+    """The memory reads and writes the residual stream: its dim is the model's hidden size."""
+    try:
+        size = hidden_size(model)
+    except ValueError:  # no hidden_size in the config: the given dim is all there is
+        if "dim" not in config:
+            raise
+        return
+    config.setdefault("dim", size)
+    if config["dim"] != size:
+        raise ValueError(f"memory dim {config['dim']} does not match {type(model).__name__}'s hidden size {size}")
+
+
 def add_memory_layers(model, layers=None, addressing="product_keys", **config):
     """Add a memory beside the MLP of each chosen decoder layer (default: the middle one).
 
@@ -77,14 +100,17 @@ def add_memory_layers(model, layers=None, addressing="product_keys", **config):
     if addressing not in MEMORY_CLASSES:
         raise ValueError(f"addressing must be one of {sorted(MEMORY_CLASSES)}, got {addressing!r}")
     blocks = decoder_layers(model)
-    config.setdefault("dim", hidden_size(model))
-    for i in _resolve_layers(layers, len(blocks)):
-        block = blocks[i]
-        if isinstance(block.mlp, MLPWithMemory):
-            raise ValueError(f"decoder layer {i} already has a memory layer")
-        reference = next(block.mlp.parameters())
-        memory = MEMORY_CLASSES[addressing](**config, dtype=reference.dtype, device=reference.device)
-        block.mlp = MLPWithMemory(block.mlp, memory)
+    _check_dim(model, config)
+    chosen = _resolve_layers(layers, len(blocks))
+    taken = [i for i in chosen if isinstance(blocks[i].mlp, MLPWithMemory)]
+    if taken:
+        raise ValueError(f"decoder layer {taken[0]} already has a memory layer")
+    memories = {}  # all built before any is attached: a bad config leaves the model as it was
+    for i in chosen:
+        reference = next(blocks[i].mlp.parameters())
+        memories[i] = MEMORY_CLASSES[addressing](**config, dtype=reference.dtype, device=reference.device)
+    for i, memory in memories.items():
+        blocks[i].mlp = MLPWithMemory(blocks[i].mlp, memory)
     if addressing == "ngram" and not any(hook is _hand_tokens for hook in model._forward_pre_hooks.values()):
         model.register_forward_pre_hook(_hand_tokens, with_kwargs=True)
     return model
@@ -181,16 +207,25 @@ def load_memory(model, path):
         raise ValueError(f"{path}: unsupported memory format {config.get('format_version')!r}")
     tensors = load_file(os.path.join(path, WEIGHTS_NAME))
     existing = memory_layers(model)
-    for key, layer_config in config["layers"].items():
-        i = int(key)
-        if i not in existing:
-            add_memory_layers(model, layers=[i], **layer_config)
-        memory = memory_layers(model)[i]
-        if memory.config() != layer_config:
-            raise ValueError(f"layer {i}: saved memory config {layer_config} differs from the model's {memory.config()}")
-        prefix = f"layers.{i}."
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if isinstance(memory, ProductKeyMemory):
-            state.setdefault("query_center", torch.zeros_like(memory.query_center))  # saved before calibration existed
-        memory.load_state_dict(state)
+    added = []
+    try:
+        for key, layer_config in config["layers"].items():
+            i = int(key)
+            if i not in existing:
+                add_memory_layers(model, layers=[i], **layer_config)
+                added.append(i)
+            memory = memory_layers(model)[i]
+            if memory.config() != layer_config:
+                raise ValueError(f"layer {i}: saved memory config {layer_config} differs from the model's "
+                                 f"{memory.config()}")
+            prefix = f"layers.{i}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if isinstance(memory, ProductKeyMemory):  # saved before calibration existed
+                state.setdefault("query_center", torch.zeros_like(memory.query_center))
+            memory.load_state_dict(state)
+    except Exception:
+        blocks = decoder_layers(model)
+        for i in added:  # leave the model as it was
+            blocks[i].mlp = blocks[i].mlp.mlp
+        raise
     return model

@@ -18,6 +18,9 @@ class SlotMemory(nn.Module):
         self.out = nn.Linear(self.value_dim, self.dim, bias=False, **factory) if self.value_dim != self.dim else None
 
     def forward(self, x):
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__}(dim={self.dim}) takes (..., {self.dim}) inputs, got "
+                             f"{tuple(x.shape)}")
         ids, weights = self.lookup(x)
         for hook in self.access_hooks:
             hook(ids)

@@ -1,5 +1,7 @@
 """Optimizers for memory value tables: one fused kernel updates only the touched rows (and their
-state), optionally restricted to an allow-mask of rows (the slots a trainer lets change)."""
+state), optionally restricted to an allow-mask of rows (the slots a trainer lets change). The
+touched rows are those of a sparse gradient (ProductKeyMemory's default, sparse_grad=True); with a
+dense gradient every row counts as touched, weight decay included."""
 import torch
 
 from ..ops.memory import sparse_adam_step, sparse_sgd_step
@@ -30,6 +32,19 @@ class _AllowMaskMixin:
 
     def allow_mask(self, param):
         return self.state[param].get("allow_mask")
+
+    def load_state_dict(self, state_dict):
+        """As torch's, but the state keeps its own dtypes: torch casts every state tensor to its
+        parameter's dtype, which would turn the fp32 moments of a bf16 table into bf16 and the bool
+        allow-mask into floats."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in saved.items():
+            state = self.state[params[index]]
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    state[key] = value.to(params[index].device).contiguous()
 
 
 class FusedSparseSGD(_AllowMaskMixin, torch.optim.Optimizer):

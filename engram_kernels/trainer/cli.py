@@ -34,8 +34,19 @@ DEFAULT_HOME = ".engram"
 
 def _home(args):
     home = Path(args.home or os.environ.get("ENGRAM_HOME") or DEFAULT_HOME)
+    if home.exists() and not home.is_dir():
+        raise SystemExit(f"engram: the state directory {home} is a file; use another --home")
     home.mkdir(parents=True, exist_ok=True)
     return home
+
+
+def _at_least(minimum):
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+    return parse
 
 
 def _memory_config(args):
@@ -109,7 +120,8 @@ def cmd_learn(args):
     model, tokenizer, store = open_model(home, args, create=True)
     with Journal(home / "journal.sqlite") as journal:
         sync_journal(journal, store)
-        added = journal.add_many(chunk_documents(sources, tokenizer, args.chunk_tokens))
+        added = journal.add_many(chunk_documents(sources, tokenizer, args.chunk_tokens,
+                                                 overlap=min(32, args.chunk_tokens // 4)))
         pending = journal.pending()
         print(f"ingested {len(sources)} source documents: {added} new chunks, {len(pending)} to learn")
         if not pending:
@@ -161,7 +173,10 @@ def cmd_memory(args):
     if not store.has_base():
         raise SystemExit("engram: no memory yet; run `engram learn PATH...` first")
     if args.action == "rollback":
-        store.set_current(args.version)
+        try:
+            store.set_current(args.version)
+        except ValueError as error:
+            raise SystemExit(f"engram: {error}") from None
         with Journal(_home(args) / "journal.sqlite") as journal:
             sync_journal(journal, store)
             pending = journal.counts()["pending"]
@@ -213,7 +228,8 @@ def build_parser():
     add_slot_arguments(learn)
     learn.add_argument("--distill", type=float, default=defaults.distill_weight, help="context-distillation weight")
     learn.add_argument("--skip-known", type=float, default=0.3, help="skip examples with target loss below this")
-    learn.add_argument("--chunk-tokens", type=int, default=112, help="document chunk size; keep below --max-len")
+    learn.add_argument("--chunk-tokens", type=_at_least(1), default=112,
+                       help="document chunk size; keep below --max-len")
     learn.add_argument("--seed", type=int, default=0)
     learn.set_defaults(func=cmd_learn)
 
@@ -224,7 +240,7 @@ def build_parser():
 
     memory = sub.add_parser("memory", parents=[common], help="list memory versions or roll back to one")
     memory.add_argument("action", choices=["list", "rollback"])
-    memory.add_argument("version", type=int, nargs="?")
+    memory.add_argument("version", type=_at_least(0), nargs="?")
     memory.set_defaults(func=cmd_memory)
 
     from .evaluate import add_eval_arguments

@@ -12,6 +12,7 @@ version; rollback only moves CURRENT, and later versions stay on disk.
 """
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -70,7 +71,9 @@ class MemoryStore:
         """Manifests of every saved version, oldest first."""
         if not self.versions_dir.exists():
             return []
-        found = [int(p.name[1:]) for p in self.versions_dir.glob("v[0-9]*") if (p / "manifest.json").exists()]
+        # vNNNN.tmp: a version whose save was cut off before its rename; the next save reuses it
+        found = [int(p.name[1:]) for p in self.versions_dir.iterdir()
+                 if re.fullmatch(r"v\d+", p.name) and (p / "manifest.json").exists()]
         return [self.manifest(v) for v in sorted(found)]
 
     def chain(self, version):

@@ -91,3 +91,5 @@ def check_sparse_step(op, values, rows, grads, allow_mask, states=(), check_valu
                   f"got {allow_mask.dtype} {tuple(allow_mask.shape)}")
     if check_values:
         check_finite(op, grads=grads)
+        if rows.numel() > 1 and torch.unique(rows).numel() != rows.numel():
+            _fail(op, "rows must be unique (sum the gradients of a repeated row first)")

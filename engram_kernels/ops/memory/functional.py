@@ -170,11 +170,15 @@ _adam_step_op = torch.library.custom_op("engram::sparse_adam_step", _adam_step,
                                         mutates_args=("values", "exp_avg", "exp_avg_sq"))
 
 
+def _contiguous(allow_mask):
+    return None if allow_mask is None else allow_mask.contiguous()
+
+
 def sparse_sgd_step(values, rows, grads, lr, weight_decay=0.0, allow_mask=None, check_values=True):
     """In place on `values`: SGD on the given unique rows; rows outside `allow_mask` stay unchanged."""
     checks.check_sparse_step("sparse_sgd_step", values, rows, grads, allow_mask, (), values_checked(check_values))
     step = _sgd_step_op if traced() else _sgd_step
-    step(values, rows.long().contiguous(), grads.contiguous(), float(lr), float(weight_decay), allow_mask)
+    step(values, rows.long().contiguous(), grads.contiguous(), float(lr), float(weight_decay), _contiguous(allow_mask))
 
 
 def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1=0.9, beta2=0.999, eps=1e-8,
@@ -186,4 +190,4 @@ def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1=0
         raise ValueError(f"sparse_adam_step: step counts updates and starts at 1, got {step}")
     update = _adam_step_op if traced() else _adam_step
     update(values, exp_avg, exp_avg_sq, rows.long().contiguous(), grads.contiguous(), int(step), float(lr),
-           float(beta1), float(beta2), float(eps), float(weight_decay), allow_mask)
+           float(beta1), float(beta2), float(eps), float(weight_decay), _contiguous(allow_mask))
