@@ -187,6 +187,22 @@ def test_decode_attention_of_an_empty_batch_is_empty(kv_case):
     assert out.shape == (0, 4, 1, 64) and out.device == query.device
 
 
+@pytest.mark.skipif(not GPU, reason="the CUDA and Triton kernels' grid limits")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_quantize_past_the_grid_limits(backend):
+    """More rows than the CUDA kernels' capped grids hold (4 * 2**20) and more tiles than a grid's
+    second axis (65535): every row is written."""
+    if not backends.is_available(backend, "cuda", "kvcache"):
+        pytest.skip(f"{backend} unavailable")
+    x = _randn(1, 1, 4 * 2**20 + 100, 16, seed=4, device="cuda", dtype=torch.bfloat16)
+    with backends.use_backend(backend):
+        packed = quantize_kv(x, x, 4, 16)
+        keys, values = dequantize_kv(packed, torch.float32)
+    tail = x[:, :, -300:].float()
+    for got in (keys, values):
+        assert (got[:, :, -300:] - tail).abs().max() < 0.2 * tail.abs().max()
+
+
 def test_key_groups_need_not_tile_the_head_dim(kv_case):
     """Key groups run along tokens: only value groups (channels) must divide the head dim."""
     _, device = kv_case

@@ -110,40 +110,44 @@ __global__ void quantize_values_kernel(const T* __restrict__ x, uint8_t* __restr
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   float* divisor = shared + warp * 2 * n_groups;
   float* zero_f = divisor + n_groups;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
-  if (row >= n_rows) return;  // whole warps leave together; no block-wide barrier follows
-  const T* src = x + row * d;
-  for (int g = 0; g < n_groups; ++g) {
-    float lo = INFINITY, hi = -INFINITY;
-    for (int c = g * gv + lane; c < (g + 1) * gv; c += kWarp) {
-      lo = fminf(lo, static_cast<float>(src[c]));
-      hi = fmaxf(hi, static_cast<float>(src[c]));
-    }
+  // grid_size caps the grid: a warp takes every stride-th row (whole warps leave together; no
+  // block-wide barrier follows)
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * (blockDim.x / kWarp);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp; row < n_rows; row += stride) {
+    const T* src = x + row * d;
+    for (int g = 0; g < n_groups; ++g) {
+      float lo = INFINITY, hi = -INFINITY;
+      for (int c = g * gv + lane; c < (g + 1) * gv; c += kWarp) {
+        lo = fminf(lo, static_cast<float>(src[c]));
+        hi = fmaxf(hi, static_cast<float>(src[c]));
+      }
 #pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      lo = fminf(lo, __shfl_xor_sync(kFullMask, lo, offset));
-      hi = fmaxf(hi, __shfl_xor_sync(kFullMask, hi, offset));
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+        lo = fminf(lo, __shfl_xor_sync(kFullMask, lo, offset));
+        hi = fmaxf(hi, __shfl_xor_sync(kFullMask, hi, offset));
+      }
+      if (lane == 0) {
+        const Params p = quant_params(lo, hi, levels);
+        scale[row * n_groups + g] = p.scale;
+        zero[row * n_groups + g] = p.zero;
+        divisor[g] = p.divisor;
+        zero_f[g] = p.zero_f;
+      }
     }
-    if (lane == 0) {
-      const Params p = quant_params(lo, hi, levels);
-      scale[row * n_groups + g] = p.scale;
-      zero[row * n_groups + g] = p.zero;
-      divisor[g] = p.divisor;
-      zero_f[g] = p.zero_f;
-    }
-  }
-  __syncwarp();
-  for (int j = lane; j < bytes; j += kWarp) {
-    int byte = 0;
+    __syncwarp();
+    for (int j = lane; j < bytes; j += kWarp) {
+      int byte = 0;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int c = j + i * bytes, g = c / gv;
-      Params p;
-      p.divisor = divisor[g];
-      p.zero_f = zero_f[g];
-      byte |= quant_code(static_cast<float>(src[c]), p, levels) << (BITS * i);
+      for (int i = 0; i < kPer; ++i) {
+        const int c = j + i * bytes, g = c / gv;
+        Params p;
+        p.divisor = divisor[g];
+        p.zero_f = zero_f[g];
+        byte |= quant_code(static_cast<float>(src[c]), p, levels) << (BITS * i);
+      }
+      codes[row * bytes + j] = static_cast<uint8_t>(byte);
     }
-    codes[row * bytes + j] = static_cast<uint8_t>(byte);
+    __syncwarp();  // the next row's group parameters overwrite this row's
   }
 }
 

@@ -3,12 +3,12 @@ with 16-bit queries and up to 8 query rows per KV head runs on tensor cores (kvc
 
 Importable without a GPU: the extension is only looked up when a kernel is called. Shapes beyond the
 decode kernel's limits (head dims other than 64 and 128, more than DECODE_MAX_ROWS query rows per
-KV head) take the Triton kernel.
+KV head) take the Triton kernel, or the reference where Triton is not installed.
 """
 import functools
 
 from ...backends import multiprocessors, require_extension
-from . import triton_kernels
+from . import naive
 
 _ext = functools.partial(require_extension, "_C_kvcache_cuda")
 
@@ -38,13 +38,22 @@ def _splits(device, heads, packed_len, block=64):
     return (-(-packed_len // tokens) if packed_len else 0) + 1, max(tokens, block)
 
 
+@functools.cache
+def _beyond_the_kernel():
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return naive
+    return triton_kernels
+
+
 def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
                      residual_values, bits, group_size, scale):
     C = _ext()
     b, hq, tq, d = query.shape
     hkv = key_codes.shape[1]
     if d not in (64, 128) or hq // hkv * tq > C.DECODE_MAX_ROWS:
-        return triton_kernels.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
+        return _beyond_the_kernel().decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale,
                                                value_zero, residual_keys, residual_values, bits, group_size, scale)
     n_splits, tokens = _splits(query.device, b * hkv, key_codes.shape[2])
     return C.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,

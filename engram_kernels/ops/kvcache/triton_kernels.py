@@ -86,7 +86,10 @@ def _codes_of(x, lo, hi, BITS: tl.constexpr):
 @triton.jit
 def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, t_len, n_groups, G: tl.constexpr,
                           D: tl.constexpr, BITS: tl.constexpr, BLOCK_G: tl.constexpr):
-    head, group = tl.program_id(0), tl.program_id(1)
+    # a 1-D grid (axes 1 and 2 stop at 65535) of (head, group); 64-bit offsets: a cache may hold
+    # more than 2**31 elements
+    pid = tl.program_id(0).to(tl.int64)
+    head, group = pid // n_groups, pid % n_groups
     j = tl.arange(0, BLOCK_G)
     c = tl.arange(0, D)
     tok = group * G + j
@@ -105,7 +108,7 @@ def _quantize_keys_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, t_len, n_groups
 def _quantize_values_kernel(x_ptr, codes_ptr, scale_ptr, zero_ptr, n_rows, D: tl.constexpr, GV: tl.constexpr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr):
     NG: tl.constexpr = D // GV
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = rows < n_rows
     c = tl.arange(0, D)
     x = tl.load(x_ptr + rows[:, None] * D + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -153,7 +156,8 @@ def _dequantize_value_tile(codes, scale_ptr, zero_ptr, rows, ok, D: tl.constexpr
 @triton.jit
 def _dequantize_kernel(codes_ptr, scale_ptr, zero_ptr, out_ptr, t_len, n_groups, KEYS: tl.constexpr,
                        G: tl.constexpr, GV: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    head, t0 = tl.program_id(0), tl.program_id(1) * BLOCK
+    pid, n_tiles = tl.program_id(0).to(tl.int64), tl.cdiv(t_len, BLOCK)  # as in _quantize_keys_kernel
+    head, t0 = pid // n_tiles, (pid % n_tiles) * BLOCK
     tok = t0 + tl.arange(0, BLOCK)
     ok = tok < t_len
     rows = head * t_len + tok
@@ -291,6 +295,17 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
     ROWS: tl.constexpr = N_REP * Q_LEN
     P: tl.constexpr = D * BITS // 8  # bytes per token = channels per bit plane
     PER: tl.constexpr = 8 // BITS
+    # The head's own rows, from 64-bit offsets (a batch's cache may pass 2**31 bytes); offsets
+    # within one head stay 32-bit.
+    h64 = head.to(tl.int64)
+    kc_ptr += h64 * packed_len * P
+    vc_ptr += h64 * packed_len * P
+    vs_ptr += h64 * packed_len * (D // GV)
+    vz_ptr += h64 * packed_len * (D // GV)
+    ks_ptr += h64 * n_groups * D
+    kz_ptr += h64 * n_groups * D
+    rk_ptr += h64 * residual_len * D
+    rv_ptr += h64 * residual_len * D
     OPERAND = rk_ptr.dtype.element_ty  # the query's dtype: dot operands, fp32 accumulators
     r = tl.arange(0, ROWS_PAD)
     cp = tl.arange(0, P)
@@ -322,10 +337,9 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         t0 = start + t * BLOCK
         tok = t0 + j
         ok = tok < packed_len
-        rows = head * packed_len + tok
-        group_row = (head * n_groups + t0 // G) * D
+        group_row = (t0 // G) * D
         valid = t0 < packed_len  # a split's tail tiles lie past the last group
-        kbytes = tl.load(kc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
+        kbytes = tl.load(kc_ptr + tok[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
         s = tl.zeros([ROWS_PAD, BLOCK], tl.float32)
         bias = tl.zeros([ROWS_PAD, P], tl.float32)
         s, bias = _packed_scores(s, bias, q0, kbytes, ks_ptr, kz_ptr, group_row, valid, 0, P, BITS, MAGIC_BITS,
@@ -340,15 +354,15 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
         s += tl.sum(bias, axis=1)[:, None]
         s = tl.where(ok[None, :] & (tok[None, :] <= limit[:, None]), s, float("-inf"))
         p, m, l, corr = _softmax_step(s, m, l)
-        vbytes = tl.load(vc_ptr + rows[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
-        acc0 = _packed_values(acc0, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 0, P, GV, D, BITS, MAGIC_BITS,
+        vbytes = tl.load(vc_ptr + tok[:, None] * P + cp[None, :], mask=ok[:, None], other=0)
+        acc0 = _packed_values(acc0, corr, p, vbytes, vs_ptr, vz_ptr, tok, ok, 0, P, GV, D, BITS, MAGIC_BITS,
                               MAGIC, OPERAND, ASM0, PRECISION)
-        acc1 = _packed_values(acc1, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 1, P, GV, D, BITS, MAGIC_BITS,
+        acc1 = _packed_values(acc1, corr, p, vbytes, vs_ptr, vz_ptr, tok, ok, 1, P, GV, D, BITS, MAGIC_BITS,
                               MAGIC, OPERAND, ASM1, PRECISION)
         if PER == 4:
-            acc2 = _packed_values(acc2, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 2, P, GV, D, BITS, MAGIC_BITS,
+            acc2 = _packed_values(acc2, corr, p, vbytes, vs_ptr, vz_ptr, tok, ok, 2, P, GV, D, BITS, MAGIC_BITS,
                                   MAGIC, OPERAND, ASM2, PRECISION)
-            acc3 = _packed_values(acc3, corr, p, vbytes, vs_ptr, vz_ptr, rows, ok, 3, P, GV, D, BITS, MAGIC_BITS,
+            acc3 = _packed_values(acc3, corr, p, vbytes, vs_ptr, vz_ptr, tok, ok, 3, P, GV, D, BITS, MAGIC_BITS,
                                   MAGIC, OPERAND, ASM3, PRECISION)
 
     t0 = 0
@@ -356,7 +370,7 @@ def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, rk_ptr
     while t0 < r_end:
         tok = t0 + j
         ok = tok < r_end
-        at = (head * residual_len + tok)[:, None] * D + cp[None, :]
+        at = tok[:, None] * D + cp[None, :]
         s = _residual_scores(q0, rk_ptr, at, ok, 0, P, PRECISION)
         s += _residual_scores(q1, rk_ptr, at, ok, 1, P, PRECISION)
         if PER == 4:
@@ -400,7 +414,7 @@ def quantize_keys(keys, bits, group_size):
     zero = torch.empty_like(scale)
     if codes.numel():
         with backends.on_device(keys.device):
-            _quantize_keys_kernel[(b * h, n_groups)](keys, codes, scale, zero, t, n_groups, group_size, d, bits,
+            _quantize_keys_kernel[(b * h * n_groups,)](keys, codes, scale, zero, t, n_groups, group_size, d, bits,
                                                      triton.next_power_of_2(group_size))
     return codes, scale, zero
 
@@ -431,7 +445,7 @@ def _dequantize(codes, scale, zero, bits, group_size, dtype, keys):
     out = codes.new_empty(b, h, t, d, dtype=dtype)
     if out.numel():
         with backends.on_device(codes.device):
-            _dequantize_kernel[(b * h, triton.cdiv(t, _BLOCK_T))](
+            _dequantize_kernel[(b * h * triton.cdiv(t, _BLOCK_T),)](
                 codes, scale, zero, out, t, triton.cdiv(t, group_size), keys, group_size,
                 naive.value_group(d, group_size), d, bits, _BLOCK_T)
     return out
