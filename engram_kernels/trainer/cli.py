@@ -121,7 +121,7 @@ def cmd_learn(args):
     with Journal(home / "journal.sqlite") as journal:
         sync_journal(journal, store)
         added = journal.add_many(chunk_documents(sources, tokenizer, args.chunk_tokens,
-                                                 overlap=min(32, args.chunk_tokens // 4)))
+                                                 overlap=min(32, args.chunk_tokens // 2)))  # 32 from 64 tokens up
         pending = journal.pending()
         print(f"ingested {len(sources)} source documents: {added} new chunks, {len(pending)} to learn")
         if not pending:
