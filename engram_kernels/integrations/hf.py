@@ -53,13 +53,17 @@ def decoder_layers(model):
     raise ValueError(f"{type(model).__name__}: found no decoder layers with an `.mlp` to attach memory to")
 
 
-def hidden_size(model):
-    config = getattr(model, "config", None)
-    config = getattr(config, "text_config", None) or config
-    size = getattr(config, "hidden_size", None)
-    if size is None:
+def _memory_dim(model, config):
+    """config's dim, defaulting to the model's hidden size, which it must equal where the config
+    has one: the memory reads and writes the residual stream."""
+    text_config = getattr(model, "config", None)
+    text_config = getattr(text_config, "text_config", None) or text_config
+    size = getattr(text_config, "hidden_size", None)
+    dim = config.setdefault("dim", size)
+    if dim is None:
         raise ValueError(f"{type(model).__name__}: config has no hidden_size; pass dim= explicitly")
-    return size
+    if size is not None and dim != size:
+        raise ValueError(f"memory dim {dim} does not match {type(model).__name__}'s hidden size {size}")
 
 
 def _resolve_layers(layers, count):
@@ -75,19 +79,6 @@ def _resolve_layers(layers, count):
 MEMORY_CLASSES = {"product_keys": ProductKeyMemory, "ngram": NgramMemory}
 
 
-def _check_dim(model, config):
-    """The memory reads and writes the residual stream: its dim is the model's hidden size."""
-    try:
-        size = hidden_size(model)
-    except ValueError:  # no hidden_size in the config: the given dim is all there is
-        if "dim" not in config:
-            raise
-        return
-    config.setdefault("dim", size)
-    if config["dim"] != size:
-        raise ValueError(f"memory dim {config['dim']} does not match {type(model).__name__}'s hidden size {size}")
-
-
 def add_memory_layers(model, layers=None, addressing="product_keys", **config):
     """Add a memory beside the MLP of each chosen decoder layer (default: the middle one).
 
@@ -100,7 +91,7 @@ def add_memory_layers(model, layers=None, addressing="product_keys", **config):
     if addressing not in MEMORY_CLASSES:
         raise ValueError(f"addressing must be one of {sorted(MEMORY_CLASSES)}, got {addressing!r}")
     blocks = decoder_layers(model)
-    _check_dim(model, config)
+    _memory_dim(model, config)
     chosen = _resolve_layers(layers, len(blocks))
     taken = [i for i in chosen if isinstance(blocks[i].mlp, MLPWithMemory)]
     if taken:

@@ -19,7 +19,6 @@ def backend_module(device):
     return backends.op_module("kvcache", device)
 
 
-
 class PackedKV(NamedTuple):
     """A KIVI-quantized key/value store (layout: see naive.py)."""
     key_codes: Tensor

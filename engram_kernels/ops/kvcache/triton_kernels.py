@@ -415,7 +415,7 @@ def quantize_keys(keys, bits, group_size):
     if codes.numel():
         with backends.on_device(keys.device):
             _quantize_keys_kernel[(b * h * n_groups,)](keys, codes, scale, zero, t, n_groups, group_size, d, bits,
-                                                     triton.next_power_of_2(group_size))
+                                                       triton.next_power_of_2(group_size))
     return codes, scale, zero
 
 

@@ -22,7 +22,6 @@ def backend_module(device):
     return backends.op_module("lora", device)
 
 
-
 def _frozen_grads(grad_y, x, needs_weight, needs_bias):
     """Gradients of the base layer's own parameters, for the rare caller that does not freeze them."""
     grad_w = grad_y.t().mm(x) if needs_weight else None

@@ -8,7 +8,6 @@ adapter — computed on the device, so nothing waits for the host. Each kernel r
 inputs, so fp32 results match the reference); the per-adapter gradient sums add their row tiles
 with fp32 atomics.
 """
-
 import torch
 import triton
 import triton.language as tl

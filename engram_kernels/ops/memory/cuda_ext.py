@@ -33,14 +33,10 @@ def weighted_gather_backward(grad_out, values, ids, weights):
 
 
 def sparse_sgd_step(values, rows, grads, lr, weight_decay, allow_mask):
-    if allow_mask is not None:
-        allow_mask = allow_mask.contiguous()
     _ext().sparse_sgd_step(values, rows, grads, lr, weight_decay, allow_mask)
 
 
 def sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1, beta2, eps, weight_decay,
                      allow_mask):
-    if allow_mask is not None:
-        allow_mask = allow_mask.contiguous()
     _ext().sparse_adam_step(values, exp_avg, exp_avg_sq, rows, grads, step, lr, beta1, beta2, eps, weight_decay,
                             allow_mask)

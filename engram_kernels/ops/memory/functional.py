@@ -20,7 +20,6 @@ def backend_module(device):
     return backends.op_module("memory", device)
 
 
-
 # ---- product-key top-k -------------------------------------------------------------------------
 
 def _pk_topk_forward(query: Tensor, keys1: Tensor, keys2: Tensor, k: int) -> tuple[Tensor, Tensor]:

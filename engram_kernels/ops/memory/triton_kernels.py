@@ -8,7 +8,6 @@ Loop bounds are constexpr (k, L, Dv: a recompile per distinct value, few in prac
 come from memory, a `while` loop: Triton 3.6's interpreter turns a runtime scalar `range()` bound into a
 Python int with int() on a 1-element array, which numpy >= 2.4 rejects.
 """
-
 import torch
 import triton
 import triton.language as tl
