@@ -7,10 +7,12 @@
 # With prebuilt/ (scripts/prebuild_gpu_extensions.sh, run elsewhere; carry it) the build is skipped.
 # Finishes within about 7 + 1.5 minutes: every stage has a timeout, the benchmarks get whatever time
 # is left of the first 7, and a failed stage does not stop the later ones; then the KV decode probe
-# (KV_PROBE_SECONDS, default 90; 0 skips it). OUTDIR receives at most seven flat files: build.log,
-# tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json (our results, written
-# after each benchmark, so a cut-short run keeps what it measured), report.md and kv-probe.log.
+# (KV_PROBE_SECONDS, default 90; 0 skips it; KV_PROBE_ARGS are its arguments). OUTDIR receives at
+# most seven flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark),
+# <device>-<date>.json (our results, written after each benchmark, so a cut-short run keeps what it
+# measured), report.md and kv-probe.log.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
+# TESTS="a.py b.py" runs those test files only (default: all of tests/).
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
 # BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: LoRA, KV cache, memory:
 # the open targets first, and LoRA before the KV kernels, so that a KV kernel that faults the CUDA
@@ -92,8 +94,9 @@ print("memory probe, 4 MiB tensor (expect 4.0 / 4.0):", measure_memory(lambda: t
 TEST_LIMIT=$(( $(left) - REPORT_RESERVE - 120 ))
 [ "$TEST_LIMIT" -gt 150 ] && TEST_LIMIT=150
 [ "$TEST_LIMIT" -lt 30 ] && TEST_LIMIT=30
-stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest tests --maxfail=60 -q (limit ${TEST_LIMIT}s, log: tests.log)"
-ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest tests --maxfail=60 -q -p no:cacheprovider \
+stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest ${TESTS:-tests} --maxfail=60 -q (limit ${TEST_LIMIT}s, log: tests.log)"
+# shellcheck disable=SC2086
+ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest ${TESTS:-tests} --maxfail=60 -q -p no:cacheprovider \
   >"$OUT/tests.log" 2>&1
 TESTS_RC=$?
 echo "tests rc=$TESTS_RC"
@@ -127,7 +130,8 @@ fi
 # runs after the deadline, in its own time.
 if [ "${KV_PROBE_SECONDS:-90}" -gt 0 ]; then
   stage "KV decode probe: python3 scripts/kv_decode_probe.py (limit ${KV_PROBE_SECONDS:-90}s, log: kv-probe.log)"
-  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 "${KV_PROBE_SECONDS:-90}" python3 scripts/kv_decode_probe.py \
+  # shellcheck disable=SC2086
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 "${KV_PROBE_SECONDS:-90}" python3 scripts/kv_decode_probe.py ${KV_PROBE_ARGS:-} \
     >"$OUT/kv-probe.log" 2>&1
   echo "probe rc=$?"
   grep -E "^context|max \||call" "$OUT/kv-probe.log" | head -n 20

@@ -3,7 +3,9 @@ compiled kernel's registers and spills; shows where the time of one decode call 
 runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton bit operations
 (ENGRAM_KV_PTX=0), each checked against the reference first; then the `cuda` backend (tensor cores).
 
-    python scripts/kv_decode_probe.py [CONTEXT ...]      (default 32768 131072; Llama-8B heads, int4)
+    python scripts/kv_decode_probe.py [--cuda-only] [CONTEXT ...]   (default 32768 131072; Llama-8B heads, int4)
+
+--cuda-only skips the Triton candidates (their tuning takes most of the probe's time).
 """
 import sys
 
@@ -26,7 +28,7 @@ def gpu_ms(fn, reps=20):
     return elapsed_ms(fn, reps)
 
 
-def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128):
+def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128, triton=True):
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     keys, values = (torch.randn(1, kv_heads, context, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
@@ -46,7 +48,7 @@ def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, resid
     print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms")
     with backends.use_backend("torch"):
         expected = decode().float()
-    for ptx in (True, False):
+    for ptx in (True, False) if triton else ():
         triton_kernels.USE_PTX = ptx
         with backends.use_backend("triton"):
             error = (decode().float() - expected).abs().max().item()
@@ -82,5 +84,7 @@ def print_compiled_kernels():
 
 
 if __name__ == "__main__":
-    for context in [int(c) for c in sys.argv[1:]] or [32768, 131072]:
-        probe(context)
+    args = sys.argv[1:]
+    cuda_only = "--cuda-only" in args
+    for context in [int(c) for c in args if c != "--cuda-only"] or [32768, 131072]:
+        probe(context, triton=not cuda_only)

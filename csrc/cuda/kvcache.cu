@@ -15,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -340,13 +342,6 @@ mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
   return m;
 }
 
-template <typename T>
-void launch_tensor_cores(const Tensor& query, const Tensor& rk, const Tensor& rv, const DecodeArgs& a, int64_t heads,
-                         int64_t bits, int64_t d) {
-  if constexpr (!std::is_same_v<T, float>)  // mma_decode::supported admits 16-bit queries only
-    mma_decode::dispatch<T>(query, rk, rv, mma_args(a, static_cast<int>(bits)), heads, bits, d);
-}
-
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
 }
@@ -354,26 +349,77 @@ void check_cuda(const Tensor& t, const char* name) {
 const __half* half_ptr(const Tensor& t) { return reinterpret_cast<const __half*>(t.data_ptr<at::Half>()); }
 __half* half_ptr_mut(Tensor& t) { return reinterpret_cast<__half*>(t.data_ptr<at::Half>()); }
 
-template <typename T, int BITS, int CPL, int MAX_ROWS>
-void launch_decode(const Tensor& query, const Tensor& rk, const Tensor& rv, const DecodeArgs& a, int64_t heads) {
-  decode_kernel<T, BITS, CPL, MAX_ROWS><<<dim3(heads, a.n_splits), kWarps * kWarp, 0,
-                                         c10::cuda::getCurrentCUDAStream()>>>(
-      query.data_ptr<T>(), rk.data_ptr<T>(), rv.data_ptr<T>(), a);
+// Blocks of `kernel` resident at once on the current device (asked once per kernel and device).
+int resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int> known;
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find({kernel, device});
+  if (it == known.end()) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * kWarp, 0));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    it = known.emplace(std::make_pair(kernel, device), std::max(per_sm, 1) * sms).first;
+  }
+  return it->second;
+}
+
+// Token splits per head for `kernel`: as many as make the grid one wave of resident blocks (a partly
+// filled second wave would cost a whole block's time), less the residual window's split, the last.
+void plan_splits(DecodeArgs& a, const void* kernel, int64_t heads) {
+  const int64_t units = (a.packed_len + 63) / 64;  // splits hold whole 64-token units
+  const int64_t n = std::max<int64_t>(1, std::min(resident_blocks(kernel) / heads - 1, units));
+  a.tokens_per_split = std::max<int64_t>(1, (units + n - 1) / n) * 64;
+  a.n_splits = static_cast<int>((a.packed_len + a.tokens_per_split - 1) / a.tokens_per_split + 1);
+}
+
+// Plans the splits, allocates the partials (`block_parts` per block), runs `kernel` and the merge.
+template <typename T, typename KernelArgs, typename Kernel>
+Tensor run_decode(Kernel kernel, KernelArgs a, int block_parts, const Tensor& query, const Tensor& rk,
+                  const Tensor& rv, int64_t heads) {
+  plan_splits(a, reinterpret_cast<const void*>(kernel), heads);
+  const int n_parts = a.n_splits * block_parts;
+  // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
+  const int64_t stats = heads * n_parts * a.rows;
+  Tensor parts = at::empty({stats * (a.d + 2)}, query.options().dtype(at::kFloat));
+  a.part_m = parts.data_ptr<float>();
+  a.part_l = a.part_m + stats;
+  a.part_acc = a.part_l + stats;
+  auto out = at::empty_like(query);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(heads, a.n_splits), kWarps * kWarp, 0, stream>>>(query.data_ptr<T>(), rk.data_ptr<T>(),
+                                                                  rv.data_ptr<T>(), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  merge_kernel<T><<<dim3(heads, a.rows), kMergeGroups * a.d, 0, stream>>>(a.part_m, a.part_l, a.part_acc,
+                                                                          out.data_ptr<T>(), n_parts, a.rows, a.d);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
+// The CUDA-core kernel (one partial per warp) for these bits, channels per lane and query rows.
 template <typename T, int BITS, int CPL>
-void launch_decode_rows(const Tensor& query, const Tensor& rk, const Tensor& rv, const DecodeArgs& a, int64_t heads) {
-  if (a.rows <= 4) return launch_decode<T, BITS, CPL, 4>(query, rk, rv, a, heads);
-  if (a.rows <= 8) return launch_decode<T, BITS, CPL, 8>(query, rk, rv, a, heads);
-  launch_decode<T, BITS, CPL, 16>(query, rk, rv, a, heads);
+Tensor decode_cuda_cores(const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
+                         int64_t heads) {
+  if (a.rows <= 4) return run_decode<T>(decode_kernel<T, BITS, CPL, 4>, a, kWarps, query, rk, rv, heads);
+  if (a.rows <= 8) return run_decode<T>(decode_kernel<T, BITS, CPL, 8>, a, kWarps, query, rk, rv, heads);
+  return run_decode<T>(decode_kernel<T, BITS, CPL, 16>, a, kWarps, query, rk, rv, heads);
 }
 
-template <typename T, int BITS>
-void launch_decode_channels(const Tensor& query, const Tensor& rk, const Tensor& rv, const DecodeArgs& a,
-                            int64_t heads) {
-  if (a.d == 64) return launch_decode_rows<T, BITS, 2>(query, rk, rv, a, heads);
-  launch_decode_rows<T, BITS, 4>(query, rk, rv, a, heads);
+template <typename T>
+Tensor decode(const DecodeArgs& a, int64_t bits, bool tensor_cores, const Tensor& query, const Tensor& rk,
+              const Tensor& rv, int64_t heads) {
+  static_assert(mma_decode::kWarps == kWarps, "run_decode launches both kernels with kWarps warps");
+  if constexpr (!std::is_same_v<T, float>) {  // mma_decode::supported admits 16-bit queries only
+    if (tensor_cores)
+      return run_decode<T>(mma_decode::kernel_for<T>(bits, a.d), mma_args(a, static_cast<int>(bits)), 1, query, rk,
+                           rv, heads);
+  }
+  if (bits == 4)
+    return a.d == 64 ? decode_cuda_cores<T, 4, 2>(a, query, rk, rv, heads)
+                     : decode_cuda_cores<T, 4, 4>(a, query, rk, rv, heads);
+  return a.d == 64 ? decode_cuda_cores<T, 2, 2>(a, query, rk, rv, heads)
+                   : decode_cuda_cores<T, 2, 4>(a, query, rk, rv, heads);
 }
 
 }  // namespace
@@ -456,7 +502,7 @@ Tensor dequantize_values(const Tensor& codes, const Tensor& scale, const Tensor&
 Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tensor& key_scale,
                         const Tensor& key_zero, const Tensor& value_codes, const Tensor& value_scale,
                         const Tensor& value_zero, const Tensor& residual_keys, const Tensor& residual_values,
-                        int64_t bits, int64_t group, double scale, int64_t n_splits, int64_t tokens_per_split) {
+                        int64_t bits, int64_t group, double scale) {
   for (const Tensor* t : {&query, &key_codes, &key_scale, &key_zero, &value_codes, &value_scale, &value_zero,
                           &residual_keys, &residual_values})
     check_cuda(*t, "decode_attention inputs");
@@ -476,8 +522,6 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.packed_len = key_codes.size(2);
   a.residual_len = residual_keys.size(2);
   a.n_groups = (a.packed_len + group - 1) / group;
-  a.tokens_per_split = tokens_per_split;
-  a.n_splits = static_cast<int>(n_splits);
   a.rows = static_cast<int>(rows);
   a.q_len = static_cast<int>(query.size(2));
   a.group = static_cast<int>(group);
@@ -485,27 +529,11 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.d = static_cast<int>(d);
   a.scale = static_cast<float>(scale);
   const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
-                            aligned(key_codes, 16) && aligned(value_codes, 8) && aligned(key_scale, 8) &&
-                            aligned(key_zero, 8) && aligned(residual_keys, 8);
-  const int n_parts = tensor_cores ? a.n_splits : a.n_splits * kWarps;  // the mma kernel combines its warps
-  // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
-  const int64_t stats = heads * n_parts * rows;
-  auto parts = at::empty({stats * (d + 2)}, query.options().dtype(at::kFloat));
-  a.part_m = parts.data_ptr<float>();
-  a.part_l = a.part_m + stats;
-  a.part_acc = a.part_l + stats;
-  auto out = at::empty_like(query);
+                            aligned(query, 8) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
+                            aligned(key_scale, 8) && aligned(key_zero, 8) && aligned(residual_keys, 8);
+  Tensor out;
   ENGRAM_DISPATCH_FLOATS(query.scalar_type(), "kv_decode_attention", [&] {
-    if (tensor_cores) {
-      launch_tensor_cores<scalar_t>(query, residual_keys, residual_values, a, heads, bits, d);
-    } else if (bits == 4) {
-      launch_decode_channels<scalar_t, 4>(query, residual_keys, residual_values, a, heads);
-    } else {
-      launch_decode_channels<scalar_t, 2>(query, residual_keys, residual_values, a, heads);
-    }
-    merge_kernel<scalar_t><<<dim3(heads, rows), kMergeGroups * d, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        a.part_m, a.part_l, a.part_acc, out.data_ptr<scalar_t>(), n_parts, a.rows, a.d);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    out = decode<scalar_t>(a, bits, tensor_cores, query, residual_keys, residual_values, heads);
   });
   return out;
 }

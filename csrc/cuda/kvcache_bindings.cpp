@@ -14,8 +14,7 @@ at::Tensor dequantize_values(const at::Tensor& codes, const at::Tensor& scale, c
 at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key_codes, const at::Tensor& key_scale,
                             const at::Tensor& key_zero, const at::Tensor& value_codes, const at::Tensor& value_scale,
                             const at::Tensor& value_zero, const at::Tensor& residual_keys,
-                            const at::Tensor& residual_values, int64_t bits, int64_t group, double scale,
-                            int64_t n_splits, int64_t tokens_per_split);
+                            const at::Tensor& residual_values, int64_t bits, int64_t group, double scale);
 }  // namespace engram
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -32,5 +31,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &engram::decode_attention, "split-K decode attention from the packed cache",
         py::arg("query"), py::arg("key_codes"), py::arg("key_scale"), py::arg("key_zero"), py::arg("value_codes"),
         py::arg("value_scale"), py::arg("value_zero"), py::arg("residual_keys"), py::arg("residual_values"),
-        py::arg("bits"), py::arg("group"), py::arg("scale"), py::arg("n_splits"), py::arg("tokens_per_split"));
+        py::arg("bits"), py::arg("group"), py::arg("scale"));
 }

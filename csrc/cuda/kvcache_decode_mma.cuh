@@ -120,7 +120,8 @@ struct Warp {
   using Op = Operand<T>;
 
   int g, t;
-  float q[KSTEPS][4];      // query row g * softmax scale at the channels of the lane's k positions
+  const T* qrow;           // query row g (null for padding rows), re-read per key group: no registers held
+  float qscale;            // the softmax scale
   uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
   float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
   float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
@@ -138,12 +139,8 @@ struct Warp {
 
   __device__ __forceinline__ void init(const T* query, int64_t head, const Args& a, int lane) {
     g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int kk = 0; kk < KSTEPS; ++kk)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        q[kk][e] = g < a.rows ? static_cast<float>(query[(head * a.rows + g) * D + key_channel(kk, t, e)]) * a.scale
-                              : 0.f;
+    qrow = g < a.rows ? query + (head * a.rows + g) * D : nullptr;
+    qscale = a.scale;
     m = -INFINITY, l = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) zsum[i] = 0.f;
@@ -168,11 +165,17 @@ struct Warp {
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[e] = __half2float(sh[e]), z[e] = __half2float(zh[e]);
       }
-      float qs[4];
+      float q[4] = {0.f, 0.f, 0.f, 0.f}, qs[4];
+      if (qrow != nullptr) {  // the lane's four channels: 8 aligned bytes (supported() checks the query)
+        const uint2 qv = __ldg(reinterpret_cast<const uint2*>(qrow + key_channel(kk, t, 0)));
+        const T* qh = reinterpret_cast<const T*>(&qv);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) q[e] = static_cast<float>(qh[e]) * qscale;
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        qs[e] = q[kk][e] * s[e];
-        part += q[kk][e] * z[e] - Op::kMagic * Op::rounded(qs[e]);
+        qs[e] = q[e] * s[e];
+        part += q[e] * z[e] - Op::kMagic * Op::rounded(qs[e]);
       }
       qa[kk][0] = Op::pack(qs[0], qs[1]);
       qa[kk][1] = Op::pack(qs[2], qs[3]);
@@ -245,28 +248,51 @@ struct Warp {
     return zs;
   }
 
-  // One 16-token slab of the packed store starting at token `tok0` (`valid` of them exist).
-  __device__ __forceinline__ void packed_slab(int64_t head, int64_t tok0, int valid, const Args& a, int64_t last) {
+  // What one 16-token slab of the packed store reads, loaded a slab ahead of its use so that the
+  // loads of the next slab are in flight while this one is computed.
+  struct Loads {
+    uint32_t k[2][KWORDS];  // key codes of tokens g, g + 8: the lane's P/4 bytes
+    uint32_t v[4][VWORDS];  // value codes of tokens 2t, 2t + 1, 2t + 8, 2t + 9: the lane's VBYTES bytes
+    __half2 sz[PER][4];     // (scale, zero) of those tokens' value group of plane i (first planes only)
+  };
+
+  __device__ __forceinline__ static int slot_token(int t, int k) { return 2 * t + (k & 1) + 8 * (k >> 1); }
+
+  // Issues the loads of the slab at token `tok0` (`valid` of its tokens exist); absent tokens read 0.
+  __device__ __forceinline__ void load(Loads& x, int64_t head, int64_t tok0, int valid, const Args& a) const {
     const int64_t row0 = head * a.packed_len + tok0;
-    float s[2][4] = {};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      uint32_t w[KWORDS];
       const int tok = 8 * nt + g;
-      load_words(w, a.key_codes + (row0 + tok) * P + t * (P / 4), tok < valid);
+      load_words(x.k[nt], a.key_codes + (row0 + tok) * P + t * (P / 4), tok < valid);
+    }
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const uint32_t x = plane<BITS>(w[kk % KWORDS], kk / KWORDS);
-        mma_s(s[nt], kk, prmt(x, Op::kHighBytes, 0x5140), prmt(x, Op::kHighBytes, 0x7362));
+    for (int k = 0; k < 4; ++k) {
+      const int tok = slot_token(t, k);
+      load_words(x.v[k], a.value_codes + (row0 + tok) * P + g * VBYTES, tok < valid);
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        if (a.plane_first[i] != i) continue;
+        const int64_t at = (row0 + tok) * a.value_groups + a.plane_group[i];
+        const __half zero = __float2half(0.f);
+        x.sz[i][k] = tok < valid ? __halves2half2(__ldg(a.value_scale + at), __ldg(a.value_zero + at))
+                                 : __halves2half2(zero, zero);
       }
     }
+  }
+
+  // One 16-token slab of the packed store starting at token `tok0`, from its loads.
+  __device__ __forceinline__ void packed_slab(const Loads& x, int64_t tok0, int valid, const Args& a, int64_t last) {
+    float s[2][4] = {};
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int kk = 0; kk < KSTEPS; ++kk) {
+        const uint32_t w = plane<BITS>(x.k[nt][kk % KWORDS], kk / KWORDS);
+        mma_s(s[nt], kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362));
+      }
     softmax(s, tok0, valid, last);
 
-    const int slot_tok[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
-    uint32_t vw[4][VWORDS];
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      load_words(vw[k], a.value_codes + (row0 + slot_tok[k]) * P + g * VBYTES, slot_tok[k] < valid);
     uint32_t pb[PER][2];
 #pragma unroll
     for (int i = 0; i < PER; ++i) {
@@ -277,10 +303,8 @@ struct Warp {
       float f[4], add[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const bool ok = slot_tok[k] < valid;
-        const int64_t at = (row0 + slot_tok[k]) * a.value_groups + a.plane_group[i];
-        f[k] = ok ? __half2float(__ldg(a.value_scale + at)) : 0.f;
-        add[k] = ok ? __half2float(__ldg(a.value_zero + at)) : 0.f;
+        const float2 v = __half22float2(x.sz[i][k]);
+        f[k] = v.x, add[k] = v.y;
       }
       zsum[i] += p_fragment(pb[i], s, f, add, true);  // kept on the group's first plane only
     }
@@ -290,7 +314,7 @@ struct Warp {
       uint32_t frag[4];  // rows g, g + 8 = bytes byte, byte + 1; tokens 2t, 2t + 1 | 2t + 8, 2t + 9
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t lo = plane<BITS>(vw[2 * h][byte / 4], i), hi = plane<BITS>(vw[2 * h + 1][byte / 4], i);
+        const uint32_t lo = plane<BITS>(x.v[2 * h][byte / 4], i), hi = plane<BITS>(x.v[2 * h + 1][byte / 4], i);
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const uint32_t j = byte % 4 + r;  // byte j of both tokens' words into the halves' low bytes
@@ -322,7 +346,6 @@ struct Warp {
     const float ones[4] = {1.f, 1.f, 1.f, 1.f};
     uint32_t pb[2];
     p_fragment(pb, s, ones, ones, false);
-    const int slot_tok[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm) {
       uint32_t frag[4];
@@ -334,7 +357,7 @@ struct Warp {
           uint32_t pair[2];
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int tok = slot_tok[2 * h + u];
+            const int tok = slot_token(t, 2 * h + u);
             pair[u] = tok < valid ? __ldg(reinterpret_cast<const unsigned short*>(values + tok * D + c)) : 0u;
           }
           frag[2 * h + r] = pair[0] | (pair[1] << 16);
@@ -374,9 +397,12 @@ struct Warp {
 };
 
 constexpr int kWarps = 4;
+// Three blocks per SM (168 registers; a few bytes spill): 4 would need 128 registers and spill the
+// loop's prefetched slab.
+constexpr int kMinBlocks = 3;
 
 template <typename T, int BITS, int D>
-__global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restrict__ query,
+__global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(const T* __restrict__ query,
                                                                 const T* __restrict__ residual_keys,
                                                                 const T* __restrict__ residual_values, Args a) {
   const int64_t head = blockIdx.x;
@@ -388,16 +414,22 @@ __global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restr
   // The split's packed tokens, a contiguous run of whole slabs per warp (key groups change rarely).
   const int64_t t0 = split * a.tokens_per_split, t1 = min(t0 + a.tokens_per_split, a.packed_len);
   const int64_t slabs = t1 > t0 ? (t1 - t0 + 15) / 16 : 0, per_warp = (slabs + kWarps - 1) / kWarps;
+  const int64_t first = warp * per_warp, end = min(slabs, first + per_warp);
+  const auto valid = [&](int64_t sl) { return static_cast<int>(min(int64_t{16}, t1 - t0 - 16 * sl)); };
+  typename Warp<T, BITS, D>::Loads cur, next;
+  if (first < end) w.load(cur, head, t0 + 16 * first, valid(first), a);
   int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
-  for (int64_t sl = warp * per_warp; sl < min(slabs, (warp + 1) * per_warp); ++sl) {
+  for (int64_t sl = first; sl < end; ++sl) {
     const int64_t tok0 = t0 + 16 * sl;
+    if (sl + 1 < end) w.load(next, head, tok0 + 16, valid(sl + 1), a);
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
       const int64_t at = (head * a.n_groups + group) * D;
       w.set_group(a.key_scale + at, a.key_zero + at);
     }
-    w.packed_slab(head, tok0, static_cast<int>(min(int64_t{16}, t1 - tok0)), a, last);
+    w.packed_slab(cur, tok0, valid(sl), a, last);
+    cur = next;
   }
   if (split == a.n_splits - 1 && a.residual_len > 0) {
     w.set_group(nullptr, nullptr);
@@ -441,19 +473,12 @@ inline bool supported(at::ScalarType dtype, int64_t d, int64_t bits, int64_t gro
          group % 16 == 0 && gv % p == 0 && rows <= 8 && compute_major() >= 8;
 }
 
-template <typename T, int BITS, int D>
-void launch(const at::Tensor& query, const at::Tensor& rk, const at::Tensor& rv, const Args& a, int64_t heads) {
-  decode_kernel<T, BITS, D><<<dim3(heads, a.n_splits), kWarps * kWarp, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      query.data_ptr<T>(), rk.data_ptr<T>(), rv.data_ptr<T>(), a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
+// The kernel for these bits and head dim, of the shapes supported() admits.
 template <typename T>
-void dispatch(const at::Tensor& query, const at::Tensor& rk, const at::Tensor& rv, const Args& a, int64_t heads,
-              int64_t bits, int64_t d) {
-  if (bits == 4 && d == 128) return launch<T, 4, 128>(query, rk, rv, a, heads);
-  if (bits == 4 && d == 64) return launch<T, 4, 64>(query, rk, rv, a, heads);
-  launch<T, 2, 128>(query, rk, rv, a, heads);  // int2 needs d 128 (supported: 4 bytes per lane)
+auto kernel_for(int64_t bits, int64_t d) {
+  if (bits == 4 && d == 128) return decode_kernel<T, 4, 128>;
+  if (bits == 4 && d == 64) return decode_kernel<T, 4, 64>;
+  return decode_kernel<T, 2, 128>;  // int2 needs d 128 (supported: 4 bytes per lane)
 }
 
 }  // namespace mma_decode

@@ -7,7 +7,7 @@ KV head) take the Triton kernel, or the reference where Triton is not installed.
 """
 import functools
 
-from ...backends import multiprocessors, require_extension
+from ...backends import require_extension
 from . import naive
 
 _ext = functools.partial(require_extension, "_C_kvcache_cuda")
@@ -29,15 +29,6 @@ def dequantize_values(codes, scale, zero, bits, group_size, dtype):
     return _ext().dequantize_values(codes, scale, zero, bits, group_size, dtype)
 
 
-def _splits(device, heads, packed_len, block=64):
-    """Token splits per (batch, KV head), about 4 blocks per SM; + 1 for the residual window."""
-    programs = 4 * multiprocessors(device)
-    blocks = -(-packed_len // block)
-    n = max(1, min(-(-programs // heads), blocks))
-    tokens = -(-blocks // n) * block
-    return (-(-packed_len // tokens) if packed_len else 0) + 1, max(tokens, block)
-
-
 @functools.cache
 def _beyond_the_kernel():
     try:
@@ -56,6 +47,5 @@ def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_s
         return _beyond_the_kernel().decode_attention(query, key_codes, key_scale, key_zero, value_codes,
                                                      value_scale, value_zero, residual_keys, residual_values, bits,
                                                      group_size, scale)
-    n_splits, tokens = _splits(query.device, b * hkv, key_codes.shape[2])
     return C.decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
-                              residual_keys, residual_values, bits, group_size, scale, n_splits, tokens)
+                              residual_keys, residual_values, bits, group_size, scale)
