@@ -1,7 +1,7 @@
 """The one place that decides which backend runs an op.
 
 Order of preference per device: on GPUs per op family (GPU_PREFERENCE: cuda first for the memory
-ops, triton first for LoRA and KV decode, as measured), cpu > torch on CPUs.
+ops and the KV cache, triton first for LoRA, as measured), cpu > torch on CPUs.
 `ENGRAM_BACKEND=torch|cpu|triton|cuda` (or `use_backend(...)`) forces one; a forced backend that
 cannot run on the tensor's device falls back to the best available one with a one-line notice.
 Triton runs on CPU tensors only under `TRITON_INTERPRET=1`, and only when forced.
@@ -87,7 +87,7 @@ def is_available(backend, device_type, family="memory"):
 # 20261126-1137.json and -1144.json): the CUDA gather kernels beat Triton's; for LoRA (llama8b
 # fwd+bwd 3.04 vs 3.27 ms, multi64 3.88 vs 10.55 ms) and KV decode (32k: 0.22 vs 0.43 ms) Triton wins.
 GPU_PREFERENCE = {"memory": ("cuda", "triton", "torch"), "lora": ("triton", "cuda", "torch"),
-                  "kvcache": ("triton", "cuda", "torch")}
+                  "kvcache": ("cuda", "triton", "torch")}
 
 
 def preference(device_type, family="memory"):

@@ -3,9 +3,11 @@ compiled kernel's registers and spills; shows where the time of one decode call 
 runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton bit operations
 (ENGRAM_KV_PTX=0), each checked against the reference first; then the `cuda` backend (tensor cores).
 
-    python scripts/kv_decode_probe.py [--cuda-only] [CONTEXT ...]   (default 32768 131072; Llama-8B heads, int4)
+    python scripts/kv_decode_probe.py [--cuda-only] [--sweep] [CONTEXT ...]
+                                        (default 32768 131072; Llama-8B heads, int4)
 
---cuda-only skips the Triton candidates (their tuning takes most of the probe's time).
+--cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
+times the `cuda` backend at 128k with one setting changed at a time.
 """
 import sys
 
@@ -28,15 +30,20 @@ def gpu_ms(fn, reps=20):
     return elapsed_ms(fn, reps)
 
 
-def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128, triton=True):
+def make_case(context, batch=1, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128):
+    """(query, keys, values, packed cache, residual keys, residual values) of random bf16 states."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    keys, values = (torch.randn(1, kv_heads, context, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
-                    for _ in range(2))
-    query = torch.randn(1, q_heads, 1, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+    keys, values = (torch.randn(batch, kv_heads, context, head_dim, generator=gen, device=device,
+                                dtype=torch.bfloat16) for _ in range(2))
+    query = torch.randn(batch, q_heads, 1, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
     split = context - residual
     packed = quantize_kv(keys[:, :, :split], values[:, :, :split], bits, group)
-    rk, rv = keys[:, :, split:].contiguous(), values[:, :, split:].contiguous()
+    return query, keys, values, packed, keys[:, :, split:].contiguous(), values[:, :, split:].contiguous()
+
+
+def probe(context, triton=True):
+    query, keys, values, packed, rk, rv = make_case(context)
 
     def sdpa():
         return F.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
@@ -70,6 +77,23 @@ def probe(context, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, resid
               f"GPU time alone {gpu:.4f} ms")
 
 
+def sweep():
+    """GPU time of the `cuda` backend at 128k tokens per KV head-batch, one setting changed at a time:
+    which of them the kernel's time follows (bytes, key groups, grid shape, query rows)."""
+    cases = {"int4 group 64 (base)": {}, "int2": {"bits": 2}, "group 128": {"group": 128},
+             "group 256": {"group": 256}, "batch 4 x 32k": {"batch": 4, "context": 32768},
+             "1 query row per KV head": {"q_heads": 8}, "8 query rows per KV head": {"q_heads": 64},
+             "no residual window": {"residual": 0}}
+    for name, change in cases.items():
+        settings = {"context": 131072, **change}
+        query, _, _, packed, rk, rv = make_case(**settings)
+        with backends.use_backend("cuda"):
+            ms = gpu_ms(lambda: decode_attention(query, packed, rk, rv, check_values=False))
+        print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({packed.nbytes() / 1e6:.1f} MB packed)")
+        del query, packed, rk, rv
+        torch.cuda.empty_cache()
+
+
 def print_compiled_kernels():
     """Registers and spills of each compiled decode kernel (Triton internals: best effort)."""
     try:
@@ -85,6 +109,7 @@ def print_compiled_kernels():
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    cuda_only = "--cuda-only" in args
-    for context in [int(c) for c in args if c != "--cuda-only"] or [32768, 131072]:
-        probe(context, triton=not cuda_only)
+    for context in [int(c) for c in args if not c.startswith("--")] or [32768, 131072]:
+        probe(context, triton="--cuda-only" not in args)
+    if "--sweep" in args:
+        sweep()
