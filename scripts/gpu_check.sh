@@ -5,12 +5,13 @@
 #   scripts/gpu_check.sh OUTDIR        (from the repository root)
 #
 # With prebuilt/ (scripts/prebuild_gpu_extensions.sh, run elsewhere; carry it) the build is skipped.
-# Finishes within about 7 + 1.5 minutes: every stage has a timeout, the benchmarks get whatever time
+# Finishes within about 7 + 2.5 minutes: every stage has a timeout, the benchmarks get whatever time
 # is left of the first 7, and a failed stage does not stop the later ones; then the KV decode probe
-# (KV_PROBE_SECONDS, default 90; 0 skips it; KV_PROBE_ARGS are its arguments). OUTDIR receives at
-# most seven flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark),
-# <device>-<date>.json (our results, written after each benchmark, so a cut-short run keeps what it
-# measured), report.md and kv-probe.log.
+# (KV_PROBE_SECONDS, default 90; 0 skips it; KV_PROBE_ARGS are its arguments) and the per-kernel
+# profile of LoRA and KV decode (PROFILE_SECONDS, default 60; 0 skips it). OUTDIR receives at most
+# eight flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json
+# (our results, written after each benchmark, so a cut-short run keeps what it measured), report.md,
+# kv-probe.log and profile.log.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
 # TESTS="a.py b.py" runs those test files only (default: all of tests/).
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
@@ -135,6 +136,14 @@ if [ "${KV_PROBE_SECONDS:-90}" -gt 0 ]; then
     >"$OUT/kv-probe.log" 2>&1
   echo "probe rc=$?"
   grep -E "^context|max \||call" "$OUT/kv-probe.log" | head -n 20
+fi
+
+if [ "${PROFILE_SECONDS:-60}" -gt 0 ]; then
+  stage "profile: python3 scripts/gpu_profile.py (limit ${PROFILE_SECONDS:-60}s, log: profile.log)"
+  PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 "${PROFILE_SECONDS:-60}" python3 scripts/gpu_profile.py \
+    >"$OUT/profile.log" 2>&1
+  echo "profile rc=$?"
+  grep -E "per call$" "$OUT/profile.log" | head -n 20
 fi
 
 echo

@@ -30,13 +30,14 @@ def gpu_ms(fn, reps=20):
     return elapsed_ms(fn, reps)
 
 
-def make_case(context, batch=1, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128):
-    """(query, keys, values, packed cache, residual keys, residual values) of random bf16 states."""
-    device = torch.device("cuda")
+def make_case(context, batch=1, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128,
+              device="cuda", dtype=torch.bfloat16):
+    """(query, keys, values, packed cache, residual keys, residual values) of random states."""
+    device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    keys, values = (torch.randn(batch, kv_heads, context, head_dim, generator=gen, device=device,
-                                dtype=torch.bfloat16) for _ in range(2))
-    query = torch.randn(batch, q_heads, 1, head_dim, generator=gen, device=device, dtype=torch.bfloat16)
+    keys, values = (torch.randn(batch, kv_heads, context, head_dim, generator=gen, device=device, dtype=dtype)
+                    for _ in range(2))
+    query = torch.randn(batch, q_heads, 1, head_dim, generator=gen, device=device, dtype=dtype)
     split = context - residual
     packed = quantize_kv(keys[:, :, :split], values[:, :, :split], bits, group)
     return query, keys, values, packed, keys[:, :, split:].contiguous(), values[:, :, split:].contiguous()

@@ -8,6 +8,7 @@
 // warp writes its (max, sum, output) triple; a second kernel merges them. The last split of each
 // head takes the full-precision residual window. 16-bit queries of the common shapes take the
 // tensor-core kernel of kvcache_decode_mma.cuh instead (one partial per block, the same merge).
+// The number of splits follows the kernel's occupancy: one wave of resident blocks.
 #include "common.cuh"
 #include "kvcache_decode_mma.cuh"
 #include <cuda_fp16.h>

@@ -11,6 +11,8 @@
 // MAGIC + code (bf16 128, fp16 1024); MAGIC times each row's operand sum is subtracted once. Key
 // scales fold into the queries once per group, value scales into the softmax weights per token
 // (which needs every value group to cover whole bit planes); zero points add as row constants.
+// A warp issues the next slab's loads (predicated, into registers nothing reads until that slab is
+// computed) before computing the current one, from pointers it advances instead of recomputing.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -72,6 +74,14 @@ struct Operand {
   }
 };
 
+// e^x as one ex2.approx.ftz (what __expf adds around it handles denormal results, which only
+// underflow to 0 here anyway).
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
   uint32_t d;
   asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
@@ -120,8 +130,8 @@ struct Warp {
   using Op = Operand<T>;
 
   int g, t;
-  const T* qrow;           // query row g (null for padding rows), re-read per key group: no registers held
-  float qscale;            // the softmax scale
+  const T* qrow;           // query row g (a real row for padding rows), re-read per key group
+  float qscale;            // the softmax scale (0 for padding rows: their A fragments are zero)
   uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
   float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
   float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
@@ -139,8 +149,8 @@ struct Warp {
 
   __device__ __forceinline__ void init(const T* query, int64_t head, const Args& a, int lane) {
     g = lane / 4, t = lane % 4;
-    qrow = g < a.rows ? query + (head * a.rows + g) * D : nullptr;
-    qscale = a.scale;
+    qrow = query + (head * a.rows + min(g, a.rows - 1)) * D;
+    qscale = g < a.rows ? a.scale : 0.f;
     m = -INFINITY, l = 0.f;
 #pragma unroll
     for (int i = 0; i < PER; ++i) zsum[i] = 0.f;
@@ -150,13 +160,15 @@ struct Warp {
       for (int e = 0; e < 4; ++e) o[mm][e] = 0.f;
   }
 
-  // A fragments for one key group (scale, zero: the group's (D,) rows; null: the residual window).
+  // A fragments for one key group (scale, zero: the group's (D,) rows), or with CODES false for the
+  // residual window (no scales; a compile-time flag, so the packed loop has no null test to branch on).
+  template <bool CODES>
   __device__ __forceinline__ void set_group(const __half* scale, const __half* zero) {
     float part = 0.f;
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
       float s[4] = {1.f, 1.f, 1.f, 1.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
-      if (scale != nullptr) {
+      if constexpr (CODES) {
         const int c = key_channel(kk, t, 0);  // the lane's four channels are contiguous
         const uint2 sv = __ldg(reinterpret_cast<const uint2*>(scale + c));
         const uint2 zv = __ldg(reinterpret_cast<const uint2*>(zero + c));
@@ -165,8 +177,8 @@ struct Warp {
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[e] = __half2float(sh[e]), z[e] = __half2float(zh[e]);
       }
-      float q[4] = {0.f, 0.f, 0.f, 0.f}, qs[4];
-      if (qrow != nullptr) {  // the lane's four channels: 8 aligned bytes (supported() checks the query)
+      float q[4], qs[4];
+      {  // the lane's four channels: 8 aligned bytes (supported() checks the query)
         const uint2 qv = __ldg(reinterpret_cast<const uint2*>(qrow + key_channel(kk, t, 0)));
         const T* qh = reinterpret_cast<const T*>(&qv);
 #pragma unroll
@@ -182,7 +194,7 @@ struct Warp {
     }
     part += __shfl_xor_sync(kFullMask, part, 1);
     part += __shfl_xor_sync(kFullMask, part, 2);
-    bias = scale != nullptr ? part : 0.f;  // the residual window has no codes: no MAGIC either
+    bias = CODES ? part : 0.f;  // the residual window has no codes: no MAGIC either
   }
 
   __device__ __forceinline__ void mma_s(float (&d)[4], int kk, uint32_t b0, uint32_t b1) const {
@@ -208,14 +220,14 @@ struct Warp {
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
     const float m_new = fmaxf(m, mx);
     const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet
-    const float alpha = __expf(m - m_safe);
+    const float alpha = fast_exp(m - m_safe);
     m = m_new;
     float sum = 0.f;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        s[nt][e] = __expf(s[nt][e] - m_safe);
+        s[nt][e] = fast_exp(s[nt][e] - m_safe);
         sum += s[nt][e];
       }
     l = l * alpha + sum;
@@ -253,30 +265,49 @@ struct Warp {
   struct Loads {
     uint32_t k[2][KWORDS];  // key codes of tokens g, g + 8: the lane's P/4 bytes
     uint32_t v[4][VWORDS];  // value codes of tokens 2t, 2t + 1, 2t + 8, 2t + 9: the lane's VBYTES bytes
-    __half2 sz[PER][4];     // (scale, zero) of those tokens' value group of plane i (first planes only)
+    // fp16 bits of those tokens' value scale and zero of plane i's group (first planes of a group;
+    // 0 for absent tokens), untouched until the slab is computed so that the loads stay in flight
+    unsigned short scale[PER][4], zero[PER][4];
   };
 
   __device__ __forceinline__ static int slot_token(int t, int k) { return 2 * t + (k & 1) + 8 * (k >> 1); }
 
-  // Issues the loads of the slab at token `tok0` (`valid` of its tokens exist); absent tokens read 0.
-  __device__ __forceinline__ void load(Loads& x, int64_t head, int64_t tok0, int valid, const Args& a) const {
+  // Where the lane reads a slab: key codes of token g, value codes of token 2t (the other tokens at
+  // constant offsets), the slab's value scales; moved 16 tokens per slab, so the loop does no 64-bit
+  // index arithmetic.
+  struct Cursor {
+    const uint8_t *key, *value;
+    const __half *value_scale, *value_zero;
+  };
+
+  __device__ __forceinline__ Cursor cursor(int64_t head, int64_t tok0, const Args& a) const {
     const int64_t row0 = head * a.packed_len + tok0;
+    return {a.key_codes + (row0 + g) * P + t * (P / 4), a.value_codes + (row0 + 2 * t) * P + g * VBYTES,
+            a.value_scale + row0 * a.value_groups, a.value_zero + row0 * a.value_groups};
+  }
+
+  __device__ __forceinline__ static void advance(Cursor& c, const Args& a) {
+    c.key += 16 * P, c.value += 16 * P;
+    c.value_scale += 16 * a.value_groups, c.value_zero += 16 * a.value_groups;
+  }
+
+  // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
+  // them predicated loads into registers nothing reads before the slab is computed.
+  __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid, const Args& a) const {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int tok = 8 * nt + g;
-      load_words(x.k[nt], a.key_codes + (row0 + tok) * P + t * (P / 4), tok < valid);
-    }
+    for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, 8 * nt + g < valid);
+    const auto* scales = reinterpret_cast<const unsigned short*>(c.value_scale);
+    const auto* zeros = reinterpret_cast<const unsigned short*>(c.value_zero);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int tok = slot_token(t, k);
-      load_words(x.v[k], a.value_codes + (row0 + tok) * P + g * VBYTES, tok < valid);
+      load_words(x.v[k], c.value + ((k & 1) + 8 * (k >> 1)) * P, tok < valid);
 #pragma unroll
       for (int i = 0; i < PER; ++i) {
-        if (a.plane_first[i] != i) continue;
-        const int64_t at = (row0 + tok) * a.value_groups + a.plane_group[i];
-        const __half zero = __float2half(0.f);
-        x.sz[i][k] = tok < valid ? __halves2half2(__ldg(a.value_scale + at), __ldg(a.value_zero + at))
-                                 : __halves2half2(zero, zero);
+        const bool load = tok < valid && a.plane_first[i] == i;
+        const int at = tok * a.value_groups + a.plane_group[i];
+        x.scale[i][k] = load ? __ldg(scales + at) : 0;
+        x.zero[i][k] = load ? __ldg(zeros + at) : 0;
       }
     }
   }
@@ -303,8 +334,8 @@ struct Warp {
       float f[4], add[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float2 v = __half22float2(x.sz[i][k]);
-        f[k] = v.x, add[k] = v.y;
+        f[k] = __half2float(__ushort_as_half(x.scale[i][k]));
+        add[k] = __half2float(__ushort_as_half(x.zero[i][k]));
       }
       zsum[i] += p_fragment(pb[i], s, f, add, true);  // kept on the group's first plane only
     }
@@ -417,22 +448,27 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int64_t first = warp * per_warp, end = min(slabs, first + per_warp);
   const auto valid = [&](int64_t sl) { return static_cast<int>(min(int64_t{16}, t1 - t0 - 16 * sl)); };
   typename Warp<T, BITS, D>::Loads cur, next;
-  if (first < end) w.load(cur, head, t0 + 16 * first, valid(first), a);
+  auto at = w.cursor(head, t0 + 16 * first, a);
+  if (first < end) w.load(cur, at, valid(first), a);
   int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
+#pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
   for (int64_t sl = first; sl < end; ++sl) {
     const int64_t tok0 = t0 + 16 * sl;
-    if (sl + 1 < end) w.load(next, head, tok0 + 16, valid(sl + 1), a);
+    if (sl + 1 < end) {
+      w.advance(at, a);
+      w.load(next, at, valid(sl + 1), a);
+    }
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
-      const int64_t at = (head * a.n_groups + group) * D;
-      w.set_group(a.key_scale + at, a.key_zero + at);
+      const int64_t scales = (head * a.n_groups + group) * D;
+      w.template set_group<true>(a.key_scale + scales, a.key_zero + scales);
     }
     w.packed_slab(cur, tok0, valid(sl), a, last);
     cur = next;
   }
   if (split == a.n_splits - 1 && a.residual_len > 0) {
-    w.set_group(nullptr, nullptr);
+    w.template set_group<false>(nullptr, nullptr);
     for (int64_t tok0 = 16 * warp; tok0 < a.residual_len; tok0 += 16 * kWarps)
       w.residual_slab(residual_keys, residual_values, head, tok0,
                       static_cast<int>(min(int64_t{16}, a.residual_len - tok0)), a, last);
