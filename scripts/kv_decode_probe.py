@@ -86,13 +86,16 @@ def sweep():
              "1 query row per KV head": {"q_heads": 8}, "8 query rows per KV head": {"q_heads": 64},
              "no residual window": {"residual": 0}}
     for name, change in cases.items():
-        settings = {"context": 131072, **change}
-        query, _, _, packed, rk, rv = make_case(**settings)
-        with backends.use_backend("cuda"):
-            ms = gpu_ms(lambda: decode_attention(query, packed, rk, rv, check_values=False))
-        print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({packed.nbytes() / 1e6:.1f} MB packed)")
-        del query, packed, rk, rv
+        ms, megabytes = cuda_gpu_ms(**{"context": 131072, **change})
+        print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({megabytes:.1f} MB packed)")
         torch.cuda.empty_cache()
+
+
+def cuda_gpu_ms(**settings):
+    """(GPU time of one `cuda` decode call, packed MB) for make_case(**settings)."""
+    query, _, _, packed, rk, rv = make_case(**settings)
+    with backends.use_backend("cuda"):
+        return gpu_ms(lambda: decode_attention(query, packed, rk, rv, check_values=False)), packed.nbytes() / 1e6
 
 
 def print_compiled_kernels():

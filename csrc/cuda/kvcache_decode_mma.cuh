@@ -12,7 +12,8 @@
 // scales fold into the queries once per group, value scales into the softmax weights per token
 // (which needs every value group to cover whole bit planes); zero points add as row constants.
 // A warp issues the next slab's loads (predicated, into registers nothing reads until that slab is
-// computed) before computing the current one, from pointers it advances instead of recomputing.
+// computed) before computing the current one, from pointers it advances instead of recomputing, and
+// asks L2 for the slab after that and for the next key group's scales (prefetch: no registers).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -291,6 +292,29 @@ struct Warp {
     c.value_scale += 16 * a.value_groups, c.value_zero += 16 * a.value_groups;
   }
 
+  // Asks L2 for the slab after the one at `c` (its code lines and the first line of its value scales
+  // and zeros): no registers, no wait, so the loads issued a slab later need not go to DRAM. Call it
+  // only when that slab exists.
+  __device__ __forceinline__ void prefetch_after(const Cursor& c, const Args& a) const {
+    constexpr int kLines = 16 * P / 128;  // 128-byte lines of one slab's key (or value) codes
+    const int lane = 4 * g + t;
+    const uint8_t* key = c.key - g * P - t * (P / 4) + 16 * P;  // the next slab's first token
+    const uint8_t* value = c.value - 2 * t * P - g * VBYTES + 16 * P;
+    const void* line = lane < kLines        ? static_cast<const void*>(key + 128 * lane)
+                       : lane < 2 * kLines  ? static_cast<const void*>(value + 128 * (lane - kLines))
+                       : lane == 2 * kLines ? static_cast<const void*>(c.value_scale + 16 * a.value_groups)
+                                            : static_cast<const void*>(c.value_zero + 16 * a.value_groups);
+    if (lane <= 2 * kLines + 1) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+  }
+
+  // The same for a key group's scale and zero rows (D halves each).
+  __device__ __forceinline__ void prefetch_group(const __half* scale, const __half* zero) const {
+    constexpr int kRowLines = (D * 2 + 127) / 128;
+    const int lane = 4 * g + t;
+    if (lane < 2 * kRowLines)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"((lane < kRowLines ? scale : zero) + 64 * (lane % kRowLines)));
+  }
+
   // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
   // them predicated loads into registers nothing reads before the slab is computed.
   __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid, const Args& a) const {
@@ -457,12 +481,14 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     if (sl + 1 < end) {
       w.advance(at, a);
       w.load(next, at, valid(sl + 1), a);
+      if (sl + 2 < end) w.prefetch_after(at, a);
     }
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
       const int64_t scales = (head * a.n_groups + group) * D;
       w.template set_group<true>(a.key_scale + scales, a.key_zero + scales);
+      if (group + 1 < a.n_groups) w.prefetch_group(a.key_scale + scales + D, a.key_zero + scales + D);
     }
     w.packed_slab(cur, tok0, valid(sl), a, last);
     cur = next;

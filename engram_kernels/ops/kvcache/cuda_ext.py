@@ -41,7 +41,7 @@ def _beyond_the_kernel():
 def decode_attention(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, residual_keys,
                      residual_values, bits, group_size, scale):
     C = _ext()
-    b, hq, tq, d = query.shape
+    _, hq, tq, d = query.shape
     hkv = key_codes.shape[1]
     if d not in (64, 128) or hq // hkv * tq > C.DECODE_MAX_ROWS:
         return _beyond_the_kernel().decode_attention(query, key_codes, key_scale, key_zero, value_codes,
