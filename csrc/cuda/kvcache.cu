@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -340,6 +342,8 @@ mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
     m.plane_group[i] = i * bytes / a.gv;
     m.plane_first[i] = m.plane_group[i] * a.gv / bytes;
   }
+  const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");  // read per call: a probe can flip it
+  m.l2_prefetch = prefetch == nullptr || std::strcmp(prefetch, "0") != 0;
   return m;
 }
 

@@ -115,6 +115,7 @@ struct Args : DecodeArgs {
   int value_groups;    // value groups per token
   int plane_group[4];  // per bit plane: its value group
   int plane_first[4];  // per bit plane: the first plane of that group
+  bool l2_prefetch;    // ENGRAM_KV_L2_PREFETCH=0 turns the prefetch instructions off (to time them)
 };
 
 // One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
@@ -481,14 +482,15 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     if (sl + 1 < end) {
       w.advance(at, a);
       w.load(next, at, valid(sl + 1), a);
-      if (sl + 2 < end) w.prefetch_after(at, a);
+      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, a);
     }
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
       const int64_t scales = (head * a.n_groups + group) * D;
       w.template set_group<true>(a.key_scale + scales, a.key_zero + scales);
-      if (group + 1 < a.n_groups) w.prefetch_group(a.key_scale + scales + D, a.key_zero + scales + D);
+      if (a.l2_prefetch && group + 1 < a.n_groups)
+        w.prefetch_group(a.key_scale + scales + D, a.key_zero + scales + D);
     }
     w.packed_slab(cur, tok0, valid(sl), a, last);
     cur = next;
