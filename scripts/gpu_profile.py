@@ -9,7 +9,6 @@ triton), device time per kernel. Without one: LoRA at `smollm2` (fp32; base, cpu
 extensions' own calls are not profiled ops and do not show).
 """
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -52,10 +51,6 @@ def report(title, fn, device, calls, top=8):
         print(f"  {us:9.1f} µs  {name[:110]}")
 
 
-def backend_scope(name):
-    return backends.use_backend(name) if name in ("torch", "cpu", "triton", "cuda") else contextlib.nullcontext()
-
-
 def profile_lora(device, calls):
     import test_lora_bench as bench
     name = "llama8b" if device.type == "cuda" else "smollm2"
@@ -65,7 +60,7 @@ def profile_lora(device, calls):
         if backend != "base" and not backends.is_available(backend, device.type, "lora"):
             print(f"lora {name} {backend}: unavailable")
             continue
-        with backend_scope(backend):
+        with bench.backend_scope(backend):
             fwd, grads_of = bench.layer_ops(backend, config, inputs)
             report(f"lora {name} fwd+bwd {backend}", lambda: grads_of(fwd()), device, calls)
 
