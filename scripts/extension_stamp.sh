@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 {
-  find csrc setup.py -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'setup.py' \) \
+  find csrc/cpu csrc/cuda setup.py -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name 'setup.py' \) \
     | LC_ALL=C sort | xargs cat
   "${1:-python3}" -c 'import sys, torch; print(sys.version_info[:2], torch.__version__.split("+")[0], torch.version.cuda)'
 } | sha256sum | cut -c1-16

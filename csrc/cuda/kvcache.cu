@@ -335,16 +335,8 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
-  mma_decode::Args m{a};
-  const int bytes = a.d * bits / 8;  // channels per bit plane
-  m.value_groups = a.d / a.gv;
-  for (int i = 0; i < 4; ++i) {
-    m.plane_group[i] = i * bytes / a.gv;
-    m.plane_first[i] = m.plane_group[i] * a.gv / bytes;
-  }
   const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");  // read per call: a probe can flip it
-  m.l2_prefetch = prefetch == nullptr || std::strcmp(prefetch, "0") != 0;
-  return m;
+  return mma_decode::make_args(a, bits, prefetch == nullptr || std::strcmp(prefetch, "0") != 0);
 }
 
 void check_cuda(const Tensor& t, const char* name) {

@@ -16,8 +16,14 @@
 // asks L2 for the slab after that and for the next key group's scales (prefetch: no registers).
 #pragma once
 
+#ifdef ENGRAM_HOST_WARPS  // compiled for a CPU by the emulator the tests run (csrc/emulation)
+#include "../emulation/host_warps.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "ptx.cuh"
+#endif
 
 #include <cstring>
 #include <type_traits>
@@ -60,34 +66,15 @@ struct Operand {
     else return __half2float(__float2half_rn(x));
   }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();  // supported() keeps pre-Ampere GPUs off this kernel
-#else
-#define ENGRAM_MMA(TYPE)                                                                                      \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
-               "{%8,%9}, {%0,%1,%2,%3};\n"                                                                  \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                            \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
-    if constexpr (kBf16) ENGRAM_MMA("bf16");
-    else ENGRAM_MMA("f16");
-#undef ENGRAM_MMA
-#endif
+    ptx::mma_m16n8k16<kBf16>(d, a, b0, b1);
   }
 };
 
 // e^x as one ex2.approx.ftz (what __expf adds around it handles denormal results, which only
 // underflow to 0 here anyway).
-__device__ __forceinline__ float fast_exp(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
-  return y;
-}
+__device__ __forceinline__ float fast_exp(float x) { return ptx::ex2(x * 1.4426950408889634f); }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
-  return d;
-}
+using ptx::prmt;
 
 template <int BITS>
 __device__ __forceinline__ uint32_t plane(uint32_t word, int i) {
@@ -293,10 +280,10 @@ struct Warp {
     c.value_scale += 16 * a.value_groups, c.value_zero += 16 * a.value_groups;
   }
 
-  // Asks L2 for the slab after the one at `c` (its code lines and the first line of its value scales
-  // and zeros): no registers, no wait, so the loads issued a slab later need not go to DRAM. Call it
-  // only when that slab exists.
-  __device__ __forceinline__ void prefetch_after(const Cursor& c, const Args& a) const {
+  // Asks L2 for the slab after the one at `c` (the code lines of its `valid` tokens and the first line
+  // of its value scales and zeros): no registers, no wait, so the loads issued a slab later need not
+  // go to DRAM. Call it only when that slab exists.
+  __device__ __forceinline__ void prefetch_after(const Cursor& c, int valid, const Args& a) const {
     constexpr int kLines = 16 * P / 128;  // 128-byte lines of one slab's key (or value) codes
     const int lane = 4 * g + t;
     const uint8_t* key = c.key - g * P - t * (P / 4) + 16 * P;  // the next slab's first token
@@ -305,15 +292,15 @@ struct Warp {
                        : lane < 2 * kLines  ? static_cast<const void*>(value + 128 * (lane - kLines))
                        : lane == 2 * kLines ? static_cast<const void*>(c.value_scale + 16 * a.value_groups)
                                             : static_cast<const void*>(c.value_zero + 16 * a.value_groups);
-    if (lane <= 2 * kLines + 1) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
+    const bool exists = lane >= 2 * kLines || 128 * (lane % kLines) < valid * P;  // a last slab may be partial
+    if (lane <= 2 * kLines + 1 && exists) ptx::prefetch_l2(line);
   }
 
   // The same for a key group's scale and zero rows (D halves each).
   __device__ __forceinline__ void prefetch_group(const __half* scale, const __half* zero) const {
     constexpr int kRowLines = (D * 2 + 127) / 128;
     const int lane = 4 * g + t;
-    if (lane < 2 * kRowLines)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"((lane < kRowLines ? scale : zero) + 64 * (lane % kRowLines)));
+    if (lane < 2 * kRowLines) ptx::prefetch_l2((lane < kRowLines ? scale : zero) + 64 * (lane % kRowLines));
   }
 
   // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
@@ -482,7 +469,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     if (sl + 1 < end) {
       w.advance(at, a);
       w.load(next, at, valid(sl + 1), a);
-      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, a);
+      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2), a);
     }
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
@@ -522,28 +509,48 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   }
 }
 
-inline int compute_major() {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
-  return major;
+// The kernel's arguments from the shared ones (host side).
+inline Args make_args(const DecodeArgs& a, int bits, bool l2_prefetch) {
+  Args m{a};
+  const int bytes = a.d * bits / 8;  // channels per bit plane
+  m.value_groups = a.d / a.gv;
+  for (int i = 0; i < 4; ++i) {
+    m.plane_group[i] = i * bytes / a.gv;
+    m.plane_first[i] = m.plane_group[i] * a.gv / bytes;
+  }
+  m.l2_prefetch = l2_prefetch;
+  return m;
 }
 
-// Whether the tensor-core kernel takes these shapes: 16-bit queries, head dim 64 or 128 with at
-// least 4 bytes per lane for V^T P^T, key groups of whole slabs, value groups covering whole
-// planes, up to 8 query rows per KV head (the n of an m16n8k16 tile), on sm_80 or newer.
-inline bool supported(at::ScalarType dtype, int64_t d, int64_t bits, int64_t group, int64_t rows) {
+// The shapes the kernel takes: head dim 64 or 128 with at least 4 bytes per lane for V^T P^T, key
+// groups of whole slabs, value groups covering whole planes, up to 8 query rows per KV head (the n
+// of an m16n8k16 tile).
+inline bool supported_shape(int64_t d, int64_t bits, int64_t group, int64_t rows) {
   const int64_t p = d * bits / 8, gv = std::min(group, d);
-  return (dtype == at::kBFloat16 || dtype == at::kHalf) && (d == 64 || d == 128) && p / 8 >= 4 &&
-         group % 16 == 0 && gv % p == 0 && rows <= 8 && compute_major() >= 8;
+  return (d == 64 || d == 128) && p / 8 >= 4 && group % 16 == 0 && gv % p == 0 && rows <= 8;
 }
 
-// The kernel for these bits and head dim, of the shapes supported() admits.
+// The kernel for these bits and head dim, of the shapes supported_shape() admits.
 template <typename T>
 auto kernel_for(int64_t bits, int64_t d) {
   if (bits == 4 && d == 128) return decode_kernel<T, 4, 128>;
   if (bits == 4 && d == 64) return decode_kernel<T, 4, 64>;
   return decode_kernel<T, 2, 128>;  // int2 needs d 128 (supported: 4 bytes per lane)
 }
+
+#ifndef ENGRAM_HOST_WARPS
+inline int compute_major() {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, c10::cuda::current_device()));
+  return major;
+}
+
+// Whether the tensor-core kernel takes these: 16-bit queries of a supported shape, on sm_80 or newer.
+inline bool supported(at::ScalarType dtype, int64_t d, int64_t bits, int64_t group, int64_t rows) {
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && supported_shape(d, bits, group, rows) &&
+         compute_major() >= 8;
+}
+#endif
 
 }  // namespace mma_decode
 }  // namespace engram
