@@ -334,9 +334,9 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
 
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
-mma_decode::Args mma_args(const DecodeArgs& a, int bits) {
+mma_decode::Args mma_args(const DecodeArgs& a) {
   const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");  // read per call: a probe can flip it
-  return mma_decode::make_args(a, bits, prefetch == nullptr || std::strcmp(prefetch, "0") != 0);
+  return mma_decode::make_args(a, prefetch == nullptr || std::strcmp(prefetch, "0") != 0);
 }
 
 void check_cuda(const Tensor& t, const char* name) {
@@ -409,8 +409,7 @@ Tensor decode(const DecodeArgs& a, int64_t bits, bool tensor_cores, const Tensor
   static_assert(mma_decode::kWarps == kWarps, "run_decode launches both kernels with kWarps warps");
   if constexpr (!std::is_same_v<T, float>) {  // mma_decode::supported admits 16-bit queries only
     if (tensor_cores)
-      return run_decode<T>(mma_decode::kernel_for<T>(bits, a.d), mma_args(a, static_cast<int>(bits)), 1, query, rk,
-                           rv, heads);
+      return run_decode<T>(mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv), mma_args(a), 1, query, rk, rv, heads);
   }
   if (bits == 4)
     return a.d == 64 ? decode_cuda_cores<T, 4, 2>(a, query, rk, rv, heads)

@@ -96,21 +96,20 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* 
   }
 }
 
-// The shared decode arguments (kvcache.cu's kernels take the same), plus per-plane value groups,
-// host-computed: no integer division by a runtime group size in the token loop.
+// The shared decode arguments (kvcache.cu's kernels take the same).
 struct Args : DecodeArgs {
-  int value_groups;    // value groups per token
-  int plane_group[4];  // per bit plane: its value group
-  int plane_first[4];  // per bit plane: the first plane of that group
-  bool l2_prefetch;    // ENGRAM_KV_L2_PREFETCH=0 turns the prefetch instructions off (to time them)
+  bool l2_prefetch;  // ENGRAM_KV_L2_PREFETCH=0 turns the prefetch instructions off (to time them)
 };
 
 // One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
-// in O^T (channels x query rows) rows 2t and 2t + 1.
-template <typename T, int BITS, int D>
+// in O^T (channels x query rows) rows 2t and 2t + 1. VG value groups per token (a compile-time
+// constant, so that the value scales' addresses are constant offsets), each covering whole planes.
+template <typename T, int BITS, int D, int VG>
 struct Warp {
   static constexpr int P = D * BITS / 8;   // bytes per token
   static constexpr int PER = 8 / BITS;     // bit planes
+  static constexpr int GROUP_PLANES = PER / VG;  // bit planes per value group
+  static_assert(VG >= 1 && PER % VG == 0, "value groups must cover whole bit planes");
   static constexpr int KSTEPS = D / 16;    // k-steps of S^T: (plane, word of the lane's P/4 bytes)
   static constexpr int KWORDS = P / 16;    // words per lane per token for S^T
   static constexpr int VBYTES = P / 8;     // bytes per lane per token for O^T = V^T P^T
@@ -125,7 +124,7 @@ struct Warp {
   float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
   float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
   float m, l;              // row g: running max; this lane's share of the running sum
-  float zsum[PER];         // row g, per plane: sum of p * value zero - MAGIC * sum of B operands
+  float zsum[VG];          // row g, per value group: sum of p * value zero - MAGIC * sum of B operands
 
   // Channel of k position (t, e) of k-step kk: e 0, 1 -> k 2t, 2t + 1; e 2, 3 -> 2t + 8, 2t + 9.
   __device__ __forceinline__ static int key_channel(int kk, int t, int e) {
@@ -142,7 +141,7 @@ struct Warp {
     qscale = g < a.rows ? a.scale : 0.f;
     m = -INFINITY, l = 0.f;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) zsum[i] = 0.f;
+    for (int j = 0; j < VG; ++j) zsum[j] = 0.f;
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm)
 #pragma unroll
@@ -153,7 +152,8 @@ struct Warp {
   // residual window (no scales; a compile-time flag, so the packed loop has no null test to branch on).
   template <bool CODES>
   __device__ __forceinline__ void set_group(const __half* scale, const __half* zero) {
-    float part = 0.f;
+    constexpr uint32_t kMagicPair = Op::kHighBytes & 0xff00ff00u;  // two 16-bit MAGICs
+    float part = 0.f, magic[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
       float s[4] = {1.f, 1.f, 1.f, 1.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
@@ -176,14 +176,16 @@ struct Warp {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         qs[e] = q[e] * s[e];
-        part += q[e] * z[e] - Op::kMagic * Op::rounded(qs[e]);
+        part += q[e] * z[e];
       }
       qa[kk][0] = Op::pack(qs[0], qs[1]);
       qa[kk][1] = Op::pack(qs[2], qs[3]);
+      // MAGIC times the row's sum of A operands, as S^T will see it: the same mma against B = MAGIC
+      if constexpr (CODES) mma_s(magic, kk, kMagicPair, kMagicPair);
     }
     part += __shfl_xor_sync(kFullMask, part, 1);
     part += __shfl_xor_sync(kFullMask, part, 2);
-    bias = CODES ? part : 0.f;  // the residual window has no codes: no MAGIC either
+    bias = CODES ? part - magic[0] : 0.f;  // the residual window has no codes: no MAGIC either
   }
 
   __device__ __forceinline__ void mma_s(float (&d)[4], int kk, uint32_t b0, uint32_t b1) const {
@@ -195,6 +197,7 @@ struct Warp {
   // padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g may see; `pos0`:
   // the slab's first position; `valid`: tokens of the slab that exist.
   __device__ __forceinline__ void softmax(float (&s)[2][4], int64_t pos0, int valid, int64_t last) {
+    const int visible = static_cast<int>(min(static_cast<int64_t>(valid), max(last - pos0 + 1, int64_t{0})));
     float mx = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -202,7 +205,7 @@ struct Warp {
       for (int e = 0; e < 2; ++e) {
         const int tok = 8 * nt + 2 * t + e;
         float& v = s[nt][e];
-        v = (tok < valid && pos0 + tok <= last) ? v + bias : -INFINITY;
+        v = tok < visible ? v + bias : -INFINITY;
         mx = fmaxf(mx, v);
       }
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
@@ -221,7 +224,7 @@ struct Warp {
       }
     l = l * alpha + sum;
 #pragma unroll
-    for (int i = 0; i < PER; ++i) zsum[i] *= alpha;
+    for (int j = 0; j < VG; ++j) zsum[j] *= alpha;
     // O^T columns are query rows 2t, 2t + 1: their factors live in quads 2t, 2t + 1. Once the running
     // maxima settle no row's factor differs from 1 and the warp skips the rescale.
     if (__any_sync(kFullMask, alpha != 1.f)) {
@@ -254,16 +257,16 @@ struct Warp {
   struct Loads {
     uint32_t k[2][KWORDS];  // key codes of tokens g, g + 8: the lane's P/4 bytes
     uint32_t v[4][VWORDS];  // value codes of tokens 2t, 2t + 1, 2t + 8, 2t + 9: the lane's VBYTES bytes
-    // fp16 bits of those tokens' value scale and zero of plane i's group (first planes of a group;
-    // 0 for absent tokens), untouched until the slab is computed so that the loads stay in flight
-    unsigned short scale[PER][4], zero[PER][4];
+    // fp16 bits of those tokens' value scale and zero per value group (0 for absent tokens),
+    // untouched until the slab is computed so that the loads stay in flight
+    unsigned short scale[VG][4], zero[VG][4];
   };
 
   __device__ __forceinline__ static int slot_token(int t, int k) { return 2 * t + (k & 1) + 8 * (k >> 1); }
 
-  // Where the lane reads a slab: key codes of token g, value codes of token 2t (the other tokens at
-  // constant offsets), the slab's value scales; moved 16 tokens per slab, so the loop does no 64-bit
-  // index arithmetic.
+  // Where the lane reads a slab: key codes of token g, value codes and value scales of token 2t (the
+  // other tokens at constant offsets); moved 16 tokens per slab, so the loop does no 64-bit index
+  // arithmetic.
   struct Cursor {
     const uint8_t *key, *value;
     const __half *value_scale, *value_zero;
@@ -272,26 +275,26 @@ struct Warp {
   __device__ __forceinline__ Cursor cursor(int64_t head, int64_t tok0, const Args& a) const {
     const int64_t row0 = head * a.packed_len + tok0;
     return {a.key_codes + (row0 + g) * P + t * (P / 4), a.value_codes + (row0 + 2 * t) * P + g * VBYTES,
-            a.value_scale + row0 * a.value_groups, a.value_zero + row0 * a.value_groups};
+            a.value_scale + (row0 + 2 * t) * VG, a.value_zero + (row0 + 2 * t) * VG};
   }
 
-  __device__ __forceinline__ static void advance(Cursor& c, const Args& a) {
+  __device__ __forceinline__ static void advance(Cursor& c) {
     c.key += 16 * P, c.value += 16 * P;
-    c.value_scale += 16 * a.value_groups, c.value_zero += 16 * a.value_groups;
+    c.value_scale += 16 * VG, c.value_zero += 16 * VG;
   }
 
   // Asks L2 for the slab after the one at `c` (the code lines of its `valid` tokens and the first line
   // of its value scales and zeros): no registers, no wait, so the loads issued a slab later need not
   // go to DRAM. Call it only when that slab exists.
-  __device__ __forceinline__ void prefetch_after(const Cursor& c, int valid, const Args& a) const {
+  __device__ __forceinline__ void prefetch_after(const Cursor& c, int valid) const {
     constexpr int kLines = 16 * P / 128;  // 128-byte lines of one slab's key (or value) codes
     const int lane = 4 * g + t;
     const uint8_t* key = c.key - g * P - t * (P / 4) + 16 * P;  // the next slab's first token
     const uint8_t* value = c.value - 2 * t * P - g * VBYTES + 16 * P;
     const void* line = lane < kLines        ? static_cast<const void*>(key + 128 * lane)
                        : lane < 2 * kLines  ? static_cast<const void*>(value + 128 * (lane - kLines))
-                       : lane == 2 * kLines ? static_cast<const void*>(c.value_scale + 16 * a.value_groups)
-                                            : static_cast<const void*>(c.value_zero + 16 * a.value_groups);
+                       : lane == 2 * kLines ? static_cast<const void*>(c.value_scale - 2 * t * VG + 16 * VG)
+                                            : static_cast<const void*>(c.value_zero - 2 * t * VG + 16 * VG);
     const bool exists = lane >= 2 * kLines || 128 * (lane % kLines) < valid * P;  // a last slab may be partial
     if (lane <= 2 * kLines + 1 && exists) ptx::prefetch_l2(line);
   }
@@ -305,27 +308,25 @@ struct Warp {
 
   // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
   // them predicated loads into registers nothing reads before the slab is computed.
-  __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid, const Args& a) const {
+  __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid) const {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, 8 * nt + g < valid);
     const auto* scales = reinterpret_cast<const unsigned short*>(c.value_scale);
     const auto* zeros = reinterpret_cast<const unsigned short*>(c.value_zero);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int tok = slot_token(t, k);
-      load_words(x.v[k], c.value + ((k & 1) + 8 * (k >> 1)) * P, tok < valid);
+      const int tok = slot_token(t, k), from_2t = (k & 1) + 8 * (k >> 1);
+      load_words(x.v[k], c.value + from_2t * P, tok < valid);
 #pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        const bool load = tok < valid && a.plane_first[i] == i;
-        const int at = tok * a.value_groups + a.plane_group[i];
-        x.scale[i][k] = load ? __ldg(scales + at) : 0;
-        x.zero[i][k] = load ? __ldg(zeros + at) : 0;
+      for (int j = 0; j < VG; ++j) {
+        x.scale[j][k] = tok < valid ? __ldg(scales + from_2t * VG + j) : 0;
+        x.zero[j][k] = tok < valid ? __ldg(zeros + from_2t * VG + j) : 0;
       }
     }
   }
 
   // One 16-token slab of the packed store starting at token `tok0`, from its loads.
-  __device__ __forceinline__ void packed_slab(const Loads& x, int64_t tok0, int valid, const Args& a, int64_t last) {
+  __device__ __forceinline__ void packed_slab(const Loads& x, int64_t tok0, int valid, int64_t last) {
     float s[2][4] = {};
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -336,24 +337,20 @@ struct Warp {
       }
     softmax(s, tok0, valid, last);
 
-    uint32_t pb[PER][2];
+    uint32_t pb[VG][2];  // P^T times the value scales of each value group
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      if (a.plane_first[i] != i) {  // same value group as the previous plane
-        pb[i][0] = pb[i - 1][0], pb[i][1] = pb[i - 1][1];
-        continue;
-      }
+    for (int j = 0; j < VG; ++j) {
       float f[4], add[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        f[k] = __half2float(__ushort_as_half(x.scale[i][k]));
-        add[k] = __half2float(__ushort_as_half(x.zero[i][k]));
+        f[k] = __half2float(__ushort_as_half(x.scale[j][k]));
+        add[k] = __half2float(__ushort_as_half(x.zero[j][k]));
       }
-      zsum[i] += p_fragment(pb[i], s, f, add, true);  // kept on the group's first plane only
+      zsum[j] += p_fragment(pb[j], s, f, add, true);
     }
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm) {
-      const int i = mm / (VBYTES / 2), byte = 2 * (mm % (VBYTES / 2));
+      const int i = mm / (VBYTES / 2), byte = 2 * (mm % (VBYTES / 2)), group = i / GROUP_PLANES;
       uint32_t frag[4];  // rows g, g + 8 = bytes byte, byte + 1; tokens 2t, 2t + 1 | 2t + 8, 2t + 9
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -364,7 +361,7 @@ struct Warp {
           frag[2 * h + r] = (prmt(lo, hi, j | ((j + 4) << 8)) & 0x00ff00ffu) | (Op::kHighBytes & 0xff00ff00u);
         }
       }
-      Op::mma(o[mm], frag, pb[i][0], pb[i][1]);
+      Op::mma(o[mm], frag, pb[group][0], pb[group][1]);
     }
   }
 
@@ -413,13 +410,13 @@ struct Warp {
   __device__ __forceinline__ void store(float* m_out, float* l_out, float* acc_out, const Args& a) {
     l += __shfl_xor_sync(kFullMask, l, 1);
     l += __shfl_xor_sync(kFullMask, l, 2);
-    float z[2][PER];  // zsum of O^T's query rows 2t, 2t + 1 (from quads 2t, 2t + 1)
+    float z[2][VG];  // zsum of O^T's query rows 2t, 2t + 1 (from quads 2t, 2t + 1)
 #pragma unroll
-    for (int i = 0; i < PER; ++i) {
-      zsum[i] += __shfl_xor_sync(kFullMask, zsum[i], 1);
-      zsum[i] += __shfl_xor_sync(kFullMask, zsum[i], 2);
-      z[0][i] = __shfl_sync(kFullMask, zsum[i], 8 * t);
-      z[1][i] = __shfl_sync(kFullMask, zsum[i], 8 * t + 4);
+    for (int j = 0; j < VG; ++j) {
+      zsum[j] += __shfl_xor_sync(kFullMask, zsum[j], 1);
+      zsum[j] += __shfl_xor_sync(kFullMask, zsum[j], 2);
+      z[0][j] = __shfl_sync(kFullMask, zsum[j], 8 * t);
+      z[1][j] = __shfl_sync(kFullMask, zsum[j], 8 * t + 4);
     }
     if (g < a.rows && t == 0) m_out[g] = m, l_out[g] = l;
 #pragma unroll
@@ -428,10 +425,7 @@ struct Warp {
       if (row >= a.rows) continue;
 #pragma unroll
       for (int mm = 0; mm < MTILES; ++mm) {
-        const int first = a.plane_first[mm / (VBYTES / 2)];  // zsum is kept on a group's first plane
-        float zi = 0.f;
-#pragma unroll
-        for (int j = 0; j < PER; ++j) zi = j == first ? z[e][j] : zi;  // no runtime index: registers
+        const float zi = z[e][mm / (VBYTES / 2) / GROUP_PLANES];  // the value group of the tile's plane
 #pragma unroll
         for (int r = 0; r < 2; ++r) acc_out[row * D + out_channel(mm, g + 8 * r)] = o[mm][2 * r + e] + zi;
       }
@@ -444,13 +438,13 @@ constexpr int kWarps = 4;
 // loop's prefetched slab.
 constexpr int kMinBlocks = 3;
 
-template <typename T, int BITS, int D>
+template <typename T, int BITS, int D, int VG>
 __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(const T* __restrict__ query,
                                                                 const T* __restrict__ residual_keys,
                                                                 const T* __restrict__ residual_values, Args a) {
   const int64_t head = blockIdx.x;
   const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  Warp<T, BITS, D> w;
+  Warp<T, BITS, D, VG> w;
   w.init(query, head, a, lane);
   const int64_t last = a.packed_len + a.residual_len - a.q_len + w.g % a.q_len;  // row g: query token g % q_len
 
@@ -459,17 +453,17 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int64_t slabs = t1 > t0 ? (t1 - t0 + 15) / 16 : 0, per_warp = (slabs + kWarps - 1) / kWarps;
   const int64_t first = warp * per_warp, end = min(slabs, first + per_warp);
   const auto valid = [&](int64_t sl) { return static_cast<int>(min(int64_t{16}, t1 - t0 - 16 * sl)); };
-  typename Warp<T, BITS, D>::Loads cur, next;
+  typename Warp<T, BITS, D, VG>::Loads cur, next;
   auto at = w.cursor(head, t0 + 16 * first, a);
-  if (first < end) w.load(cur, at, valid(first), a);
+  if (first < end) w.load(cur, at, valid(first));
   int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
 #pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
   for (int64_t sl = first; sl < end; ++sl) {
     const int64_t tok0 = t0 + 16 * sl;
     if (sl + 1 < end) {
-      w.advance(at, a);
-      w.load(next, at, valid(sl + 1), a);
-      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2), a);
+      w.advance(at);
+      w.load(next, at, valid(sl + 1));
+      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2));
     }
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
@@ -479,7 +473,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
       if (a.l2_prefetch && group + 1 < a.n_groups)
         w.prefetch_group(a.key_scale + scales + D, a.key_zero + scales + D);
     }
-    w.packed_slab(cur, tok0, valid(sl), a, last);
+    w.packed_slab(cur, tok0, valid(sl), last);
     cur = next;
   }
   if (split == a.n_splits - 1 && a.residual_len > 0) {
@@ -510,14 +504,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
 }
 
 // The kernel's arguments from the shared ones (host side).
-inline Args make_args(const DecodeArgs& a, int bits, bool l2_prefetch) {
+inline Args make_args(const DecodeArgs& a, bool l2_prefetch) {
   Args m{a};
-  const int bytes = a.d * bits / 8;  // channels per bit plane
-  m.value_groups = a.d / a.gv;
-  for (int i = 0; i < 4; ++i) {
-    m.plane_group[i] = i * bytes / a.gv;
-    m.plane_first[i] = m.plane_group[i] * a.gv / bytes;
-  }
   m.l2_prefetch = l2_prefetch;
   return m;
 }
@@ -530,12 +518,21 @@ inline bool supported_shape(int64_t d, int64_t bits, int64_t group, int64_t rows
   return (d == 64 || d == 128) && p / 8 >= 4 && group % 16 == 0 && gv % p == 0 && rows <= 8;
 }
 
-// The kernel for these bits and head dim, of the shapes supported_shape() admits.
+// The kernel for these bits, head dim and value groups per token (d / gv), of the shapes
+// supported_shape() admits.
+template <typename T, int BITS, int D>
+auto kernel_for_groups(int64_t value_groups) {
+  if constexpr (BITS == 2) {
+    if (value_groups == 4) return decode_kernel<T, BITS, D, 4>;
+  }
+  return value_groups == 2 ? decode_kernel<T, BITS, D, 2> : decode_kernel<T, BITS, D, 1>;
+}
+
 template <typename T>
-auto kernel_for(int64_t bits, int64_t d) {
-  if (bits == 4 && d == 128) return decode_kernel<T, 4, 128>;
-  if (bits == 4 && d == 64) return decode_kernel<T, 4, 64>;
-  return decode_kernel<T, 2, 128>;  // int2 needs d 128 (supported: 4 bytes per lane)
+auto kernel_for(int64_t bits, int64_t d, int64_t value_groups) {
+  if (bits == 4 && d == 128) return kernel_for_groups<T, 4, 128>(value_groups);
+  if (bits == 4 && d == 64) return kernel_for_groups<T, 4, 64>(value_groups);
+  return kernel_for_groups<T, 2, 128>(value_groups);  // int2 needs d 128 (supported: 4 bytes per lane)
 }
 
 #ifndef ENGRAM_HOST_WARPS

@@ -52,6 +52,10 @@ template <typename T>
 inline T min(T a, T b) {
   return b < a ? b : a;
 }
+template <typename T>
+inline T max(T a, T b) {
+  return a < b ? b : a;
+}
 inline float __expf(float x) { return std::exp(x); }
 
 // ---- 16-bit floats (c10's, which round to nearest even as CUDA's _rn conversions do) ---------------

@@ -14,7 +14,7 @@ struct Buffer {
 template <typename T>
 void run_grid(engram::mma_decode::Args a, int bits, int64_t heads, const void* query, const void* residual_keys,
               const void* residual_values) {
-  const auto kernel = engram::mma_decode::kernel_for<T>(bits, a.d);
+  const auto kernel = engram::mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
   for (int64_t head = 0; head < heads; ++head)
     for (int split = 0; split < a.n_splits; ++split) {
       blockIdx = {static_cast<unsigned>(head), static_cast<unsigned>(split), 0};
@@ -61,7 +61,7 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
     const char* begin = static_cast<const char*>(readable[i].data);
     checks.readable.emplace_back(begin, begin + readable[i].bytes);
   }
-  const auto args = engram::mma_decode::make_args(a, bits, l2_prefetch != 0);
+  const auto args = engram::mma_decode::make_args(a, l2_prefetch != 0);
   if (bf16) run_grid<at::BFloat16>(args, bits, heads, query, residual_keys, residual_values);
   else run_grid<at::Half>(args, bits, heads, query, residual_keys, residual_values);
   error = checks.error;
