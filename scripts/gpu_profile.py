@@ -3,12 +3,15 @@
 
     python scripts/gpu_profile.py [--lora] [--kv] [--calls N]     (default both, 5 calls each)
 
-On a GPU: LoRA at `llama8b` (bf16; base, triton, cuda), KV decode at 32k and 128k (int4; SDPA, cuda,
+On a GPU: LoRA at `llama8b` (bf16; base, triton, cuda, and cuda with ENGRAM_LORA_DY_GEMMS=1: its
+backward's two cuBLAS GEMMs over dy instead of the fused kernel), KV decode at 32k and 128k (int4; SDPA, cuda,
 triton), device time per kernel. Without one: LoRA at `smollm2` (fp32; base, cpu) and KV decode at 8k
 (torch SDPA, cpu), CPU time per op, so the script can be checked anywhere (there the compiled
 extensions' own calls are not profiled ops and do not show).
 """
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -51,18 +54,31 @@ def report(title, fn, device, calls, top=8):
         print(f"  {us:9.1f} µs  {name[:110]}")
 
 
+@contextlib.contextmanager
+def environment(**values):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
 def profile_lora(device, calls):
     import test_lora_bench as bench
     name = "llama8b" if device.type == "cuda" else "smollm2"
     config, inputs = bench.resolved(name, device), bench.inputs_for(name, device)
-    kernels = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for backend in ("base", *kernels):
+    variants = [("triton", {}), ("cuda", {}), ("cuda", {"ENGRAM_LORA_DY_GEMMS": "1"})] if device.type == "cuda" \
+        else [("cpu", {})]
+    for backend, env in [("base", {}), *variants]:
         if backend != "base" and not backends.is_available(backend, device.type, "lora"):
             print(f"lora {name} {backend}: unavailable")
             continue
-        with bench.backend_scope(backend):
+        with bench.backend_scope(backend), environment(**env):
             fwd, grads_of = bench.layer_ops(backend, config, inputs)
-            report(f"lora {name} fwd+bwd {backend}", lambda: grads_of(fwd()), device, calls)
+            label = " ".join([backend, *(f"{k}={v}" for k, v in env.items())])
+            report(f"lora {name} fwd+bwd {label}", lambda: grads_of(fwd()), device, calls)
 
 
 def profile_kv(device, calls):

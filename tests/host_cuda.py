@@ -78,3 +78,28 @@ def _merge(m, l, acc):
     """Split-K partials (max, sum, unnormalized output) -> the softmax-weighted output, fp32."""
     weight = torch.exp(m - m.amax(1, keepdim=True)).nan_to_num_(0.0)  # -inf parts (nothing seen): 0
     return (weight.unsqueeze(-1) * acc).sum(1) / (weight * l).sum(1).unsqueeze(-1)
+
+
+def lora_dy_products(library, grad_y, lora_b, u, target_blocks):
+    """(dy B (N, r), uᵀ dy (r, C)) in fp32 from the fused kernel, its grid planned for about
+    `target_blocks` blocks; ranks below 16 zero-padded as the cuda backend pads them."""
+    (n, c), rank = grad_y.shape, u.shape[1]
+    lora_b, u = (torch.nn.functional.pad(t, (0, 16 - rank)).contiguous() for t in (lora_b, u))
+    run = library.engram_lora_dy_products
+    run.restype = ctypes.c_char_p
+    plan = (ctypes.c_int64 * 3)()
+    args = [ctypes.c_int(grad_y.dtype == torch.bfloat16), *map(_pointer, (grad_y, lora_b, u))]
+    run(*args, None, None, ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(target_blocks), plan, None, 0)
+    row_blocks, splits = plan[0], plan[1]
+    g_part = torch.full((splits * n * 16 + 64,), float("nan"))  # 64: a guard past the end
+    d_part = torch.full((row_blocks * 16 * c + 64,), float("nan"))
+    inputs = [grad_y, lora_b, u]
+    readable = (_Buffer * len(inputs))(*[(t.data_ptr(), t.numel() * t.element_size()) for t in inputs])
+    error = run(*args, _pointer(g_part), _pointer(d_part), ctypes.c_int64(n), ctypes.c_int64(c),
+                ctypes.c_int64(target_blocks), plan, readable, ctypes.c_int(len(inputs)))
+    if error:
+        raise RuntimeError(error.decode())
+    assert g_part[-64:].isnan().all() and d_part[-64:].isnan().all(), "the kernel wrote past its partials"
+    g = g_part[:-64].view(splits, n, 16).sum(0)[:, :rank]
+    d = d_part[:-64].view(row_blocks, 16, c).sum(0)[:rank]
+    return g, d

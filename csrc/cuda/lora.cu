@@ -6,10 +6,12 @@
 // search over the segment offsets. Accumulation is fp32; the per-adapter gradient sums add their
 // row blocks with fp32 atomics. Offsets into x / dy / y are int64.
 #include "common.cuh"
+#include "lora_dy_products.cuh"
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace engram {
 namespace {
@@ -150,6 +152,24 @@ const float* scales_ptr(const std::optional<Tensor>& scales) {
   return scales.has_value() ? scales->data_ptr<float>() : nullptr;
 }
 
+template <typename T>
+void launch_dy_products(const Tensor& dy, const Tensor& b, const Tensor& u, Tensor& g_part, Tensor& d_part,
+                        const dy_products::Plan& plan) {
+  const auto kernel = dy_products::dy_products_kernel<T>;
+  constexpr int kShared = sizeof(dy_products::Shared<T>);
+  static const bool attribute_set = [&] {  // over 48 KB of dynamic shared memory needs the opt-in
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
+    return true;
+  }();
+  (void)attribute_set;
+  const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(plan.splits));
+  kernel<<<grid, dy_products::kWarps * kWarp, kShared,
+           c10::cuda::getCurrentCUDAStream()>>>(dy.data_ptr<T>(), b.data_ptr<T>(), u.data_ptr<T>(),
+                                                 g_part.data_ptr<float>(), d_part.data_ptr<float>(), dy.size(0),
+                                                 dy.size(1), plan.tiles_per_split);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 Tensor lora_dropout(const Tensor& x, double p, int64_t seed) {
@@ -198,6 +218,24 @@ void sgmv_expand_(const Tensor& dst, const Tensor& perm, const Tensor& offsets, 
         w.stride(2));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+std::vector<Tensor> fused_dy_products(const Tensor& dy, const Tensor& b, const Tensor& u) {
+  const at::cuda::OptionalCUDAGuard guard(dy.device());
+  const int64_t n = dy.size(0), c = dy.size(1);
+  TORCH_CHECK(dy.is_contiguous() && b.is_contiguous() && u.is_contiguous() && c % 8 == 0 &&
+                  b.size(1) == dy_products::kRank && u.size(1) == dy_products::kRank,
+              "fused_dy_products: contiguous dy (N, C) with C % 8 == 0, B (C, 16) and u (N, 16)");
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
+  const auto plan = dy_products::plan(n, c, 2 * static_cast<int64_t>(sms));  // 2 blocks fit an SM's shared memory
+  Tensor g_part = at::empty({plan.splits, n, dy_products::kRank}, dy.options().dtype(at::kFloat));
+  Tensor d_part = at::empty({plan.row_blocks, dy_products::kRank, c}, dy.options().dtype(at::kFloat));
+  if (n == 0 || c == 0) return {g_part.sum(0), d_part.sum(0)};
+  AT_DISPATCH_SWITCH(dy.scalar_type(), "fused_dy_products",
+                     AT_DISPATCH_CASE(at::ScalarType::Half, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); })
+                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); }));
+  return {g_part.sum(0), d_part.sum(0)};
 }
 
 Tensor grouped_outer(const Tensor& small, const Tensor& big, const Tensor& perm, const Tensor& offsets,

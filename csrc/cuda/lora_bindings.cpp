@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <vector>
 
 namespace engram {
 at::Tensor lora_dropout(const at::Tensor& x, double p, int64_t seed);
@@ -11,6 +12,7 @@ void sgmv_expand_(const at::Tensor& dst, const at::Tensor& perm, const at::Tenso
                   const at::Tensor& w, const std::optional<at::Tensor>& scales);
 at::Tensor grouped_outer(const at::Tensor& small, const at::Tensor& big, const at::Tensor& perm,
                          const at::Tensor& offsets, int64_t n_adapters);
+std::vector<at::Tensor> fused_dy_products(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& u);
 }  // namespace engram
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,4 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("perm"), py::arg("offsets"), py::arg("small"), py::arg("w"), py::arg("scales"));
   m.def("grouped_outer", &engram::grouped_outer, "(n, r, C) fp32 per-adapter sums of small[i]^T big[perm[i]]",
         py::arg("small"), py::arg("big"), py::arg("perm"), py::arg("offsets"), py::arg("n_adapters"));
+  m.def("fused_dy_products", &engram::fused_dy_products,
+        "(dy B, u^T dy) in fp32 from one read of 16-bit dy (N, C % 8 == 0); B (C, 16), u (N, 16)", py::arg("dy"),
+        py::arg("b"), py::arg("u"));
 }

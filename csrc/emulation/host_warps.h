@@ -3,10 +3,13 @@
 // parks its thread until every thread it waits for has arrived; then each reads the others' values.
 // Blocks run one after another, so a kernel's __shared__ arrays are plain statics.
 //
-// What it checks beyond the results: every __ldg and L2 prefetch address against the buffers the
-// caller registers (reads past an allocation are silent on a GPU), and warp operations that not
-// all lanes reach (a deadlock here, undefined behaviour there). It does not model timing, the
-// memory model, or the rounding inside an mma (accumulated in double, rounded once per call).
+// What it checks beyond the results: every __ldg, cp.async source and L2 prefetch address against the
+// buffers the caller registers (reads past an allocation are silent on a GPU), ldmatrix rows against
+// the block's dynamic shared memory (which starts as garbage, as on a GPU), and warp operations that
+// not all lanes reach (a deadlock here, undefined behaviour there). cp.async copies land only when a
+// cp.async.wait_group retires their group, so data read before its wait is stale. It does not model
+// timing, the memory model beyond that, or the rounding inside an mma (accumulated in double,
+// rounded once per call).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -17,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -33,6 +37,8 @@ using c10::Half;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) alignas(n)
+#define ENGRAM_DYNAMIC_SHARED(name) unsigned char* name = engram::host_warps::block->shared.data()
 
 struct HostDim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -105,14 +111,22 @@ inline bool readable(const void* p, size_t bytes) {
 struct Block {
   static constexpr int kSlotWords = 8;
   enum Wait { kNone, kWarpOp, kBarrier, kDone };
+  struct Copy {
+    void* to;
+    const void* from;
+    int bytes, read;  // `read` of `bytes` come from `from`, the rest are zeros
+  };
   struct Thread {
     ucontext_t context;
     std::unique_ptr<char[]> stack;
     Wait wait = kNone;
     int64_t warp_ops = 0, barriers = 0;
     uint32_t slot[2][kSlotWords];
+    std::vector<Copy> open;                // cp.async copies not yet committed
+    std::deque<std::vector<Copy>> groups;  // committed groups, oldest first
   };
   std::vector<Thread> threads;
+  std::vector<unsigned char> shared;  // dynamic shared memory
   ucontext_t scheduler;
   int current = 0;
   std::function<void()> body;
@@ -145,11 +159,13 @@ inline void park(Block::Wait wait) {
   self.wait = Block::kNone;
 }
 
-// Runs body once per thread of a block of `threads` threads (blockIdx is the caller's to set).
-inline void run_block(int threads, std::function<void()> body) {
+// Runs body once per thread of a block of `threads` threads with `shared_bytes` of dynamic shared
+// memory (blockIdx is the caller's to set).
+inline void run_block(int threads, std::function<void()> body, size_t shared_bytes = 0) {
   constexpr size_t kStack = 256 * 1024;
   Block b;
   b.threads.resize(threads);
+  b.shared.assign(shared_bytes, 0xcd);
   b.body = std::move(body);
   block = &b;
   blockDim = {static_cast<unsigned>(threads), 1, 1};
@@ -263,6 +279,67 @@ inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
 
 inline void prefetch_l2(const void* p) {
   if (!host_warps::readable(p, 1)) host_warps::fail("L2 prefetch outside every buffer");
+}
+
+template <bool TRANS>
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  auto& shared = host_warps::block->shared;
+  const auto* p = static_cast<const unsigned char*>(row);
+  if (p < shared.data() || p + 16 > shared.data() + shared.size() || (p - shared.data()) % 16)
+    host_warps::fail("ldmatrix row outside shared memory or not 16-byte aligned");
+  uint32_t words[2];
+  std::memcpy(words, &row, sizeof(row));
+  int parity;
+  const auto* warp = host_warps::warp_exchange(words, parity);
+  const auto row_of = [&](int lane) {  // lane's row address, or null if it failed the check
+    const unsigned char* q;
+    std::memcpy(&q, warp[lane].slot[parity], sizeof(q));
+    return q >= shared.data() && q + 16 <= shared.data() + shared.size() ? q : nullptr;
+  };
+  const auto element = [&](int lane, int column) -> uint32_t {
+    const unsigned char* q = row_of(lane);
+    uint16_t e = 0;
+    if (q) std::memcpy(&e, q + 2 * column, 2);
+    return e;
+  };
+  const int lane = host_warps::block->current % kWarp;
+  for (int i = 0; i < 4; ++i) {  // matrix i: rows from lanes 8i .. 8i + 7
+    const int base = 8 * i;
+    if (TRANS)  // rows 2 (lane % 4), + 1 of the stored matrix, column lane / 4
+      r[i] = element(base + 2 * (lane % 4), lane / 4) | element(base + 2 * (lane % 4) + 1, lane / 4) << 16;
+    else  // row lane / 4, columns 2 (lane % 4), + 1
+      r[i] = element(base + lane / 4, 2 * (lane % 4)) | element(base + lane / 4, 2 * (lane % 4) + 1) << 16;
+  }
+}
+
+inline void cp_async_16(void* shared, const void* global, int bytes) {
+  auto& memory = host_warps::block->shared;
+  const auto* to = static_cast<const unsigned char*>(shared);
+  if (to < memory.data() || to + 16 > memory.data() + memory.size() || (to - memory.data()) % 16) {
+    host_warps::fail("cp.async destination outside shared memory or not 16-byte aligned");
+    return;
+  }
+  if (bytes > 0 && !host_warps::readable(global, bytes)) host_warps::fail("cp.async outside every buffer");
+  host_warps::block->threads[host_warps::block->current].open.push_back({shared, global, 16, bytes});
+}
+
+inline void cp_async_commit() {
+  auto& self = host_warps::block->threads[host_warps::block->current];
+  self.groups.push_back(std::move(self.open));
+  self.open.clear();
+}
+
+// Lands the copies of every committed group but the newest N.
+template <int N>
+inline void cp_async_wait() {
+  auto& self = host_warps::block->threads[host_warps::block->current];
+  while (static_cast<int>(self.groups.size()) > N) {
+    for (const auto& copy : self.groups.front()) {
+      std::memset(copy.to, 0, copy.bytes);
+      if (copy.read > 0 && host_warps::readable(copy.from, copy.read)) std::memcpy(copy.to, copy.from, copy.read);
+    }
+    self.groups.pop_front();
+  }
 }
 
 }  // namespace ptx

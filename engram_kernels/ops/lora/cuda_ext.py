@@ -1,19 +1,42 @@
-"""`cuda` backend: the CUDA kernels in csrc/cuda/lora.cu for dropout and the SGMV segments, with the
-frozen GEMMs in cuBLAS (composite.py).
+"""`cuda` backend: the CUDA kernels in csrc/cuda/lora.cu for dropout, the SGMV segments and the
+backward's two products with dy (one read of dy, csrc/cuda/lora_dy_products.cuh), with the frozen
+GEMMs in cuBLAS (composite.py).
 
 Importable without a GPU: the extension is only looked up when a kernel is called, which happens
 once the backend has been chosen for a CUDA tensor.
 """
 import functools
+import os
+
+import torch
+import torch.nn.functional as F
 
 from ...backends import require_extension
 from . import composite
 
 _ext = functools.partial(require_extension, "_C_lora_cuda")
+FUSED_RANK = 16  # the fused dy kernel's rank; lower ranks are zero-padded to it
+
+
+def fused_dy_applies(grad_y, u):
+    """Whether the fused kernel takes these: 16-bit dy with whole 16-byte rows, rank <= 16, sm_80+.
+    ENGRAM_LORA_DY_GEMMS=1 keeps the two cuBLAS GEMMs (to time one against the other)."""
+    return (grad_y.dtype in (torch.bfloat16, torch.float16) and u.shape[1] <= FUSED_RANK
+            and grad_y.shape[1] % 8 == 0 and torch.cuda.get_device_capability(grad_y.device)[0] >= 8
+            and os.environ.get("ENGRAM_LORA_DY_GEMMS", "0") != "1")
+
+
+def dy_products(grad_y, lora_b, u):
+    """(dy B, uᵀ dy) in fp32: the fused kernel where it applies, else two cuBLAS GEMMs."""
+    if not fused_dy_applies(grad_y, u):
+        return composite.gemm_dy_products(grad_y, lora_b, u)
+    pad = FUSED_RANK - u.shape[1]
+    g, d = _ext().fused_dy_products(grad_y, F.pad(lora_b, (0, pad)).contiguous(), F.pad(u, (0, pad)).contiguous())
+    return g[:, :u.shape[1]], d[:u.shape[1]]
 
 
 class _Kernels:
-    dy_products = staticmethod(composite.gemm_dy_products)
+    dy_products = staticmethod(dy_products)
 
     @staticmethod
     def dropout(x, p, seed):
