@@ -226,12 +226,14 @@ std::vector<Tensor> fused_dy_products(const Tensor& dy, const Tensor& b, const T
   TORCH_CHECK(dy.is_contiguous() && b.is_contiguous() && u.is_contiguous() && c % 8 == 0 &&
                   b.size(1) == dy_products::kRank && u.size(1) == dy_products::kRank,
               "fused_dy_products: contiguous dy (N, C) with C % 8 == 0, B (C, 16) and u (N, 16)");
+  if (n == 0 || c == 0)
+    return {at::zeros({n, dy_products::kRank}, dy.options().dtype(at::kFloat)),
+            at::zeros({dy_products::kRank, c}, dy.options().dtype(at::kFloat))};
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
   const auto plan = dy_products::plan(n, c, 2 * static_cast<int64_t>(sms));  // 2 blocks fit an SM's shared memory
   Tensor g_part = at::empty({plan.splits, n, dy_products::kRank}, dy.options().dtype(at::kFloat));
   Tensor d_part = at::empty({plan.row_blocks, dy_products::kRank, c}, dy.options().dtype(at::kFloat));
-  if (n == 0 || c == 0) return {g_part.sum(0), d_part.sum(0)};
   AT_DISPATCH_SWITCH(dy.scalar_type(), "fused_dy_products",
                      AT_DISPATCH_CASE(at::ScalarType::Half, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); })
                      AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); }));

@@ -35,7 +35,7 @@ constexpr int kChunkRows = 32 * kWarps;  // rows of one staged piece of dy: 32 p
 constexpr int kChunks = 4;
 constexpr int kBlockRows = kChunkRows * kChunks;
 constexpr int kTileCols = 64;
-constexpr int kStages = 3;
+constexpr int kStages = 4;  // 3 pieces in flight per block, 6 per SM (~96 KB): enough for DRAM latency under load
 
 // The dynamic shared memory of a block.
 template <typename T>
@@ -179,8 +179,8 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
         }
 }
 
-// The launch for dy (n, c): row blocks x column splits (about `target_blocks` blocks), and the column
-// tiles per split.
+// The launch for dy (n, c), n and c > 0: row blocks x column splits (about `target_blocks` blocks),
+// and the column tiles per split.
 struct Plan {
   int64_t row_blocks, splits;
   int tiles_per_split;

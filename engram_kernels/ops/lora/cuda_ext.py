@@ -30,9 +30,10 @@ def dy_products(grad_y, lora_b, u):
     """(dy B, uᵀ dy) in fp32: the fused kernel where it applies, else two cuBLAS GEMMs."""
     if not fused_dy_applies(grad_y, u):
         return composite.gemm_dy_products(grad_y, lora_b, u)
-    pad = FUSED_RANK - u.shape[1]
-    g, d = _ext().fused_dy_products(grad_y, F.pad(lora_b, (0, pad)).contiguous(), F.pad(u, (0, pad)).contiguous())
-    return g[:, :u.shape[1]], d[:u.shape[1]]
+    rank = u.shape[1]
+    lora_b, u = (t if rank == FUSED_RANK else F.pad(t, (0, FUSED_RANK - rank)) for t in (lora_b, u))
+    g, d = _ext().fused_dy_products(grad_y, lora_b.contiguous(), u.contiguous())
+    return g[:, :rank], d[:rank]
 
 
 class _Kernels:
