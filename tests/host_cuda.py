@@ -35,7 +35,7 @@ def build(harness, sources, cache):
     return ctypes.CDLL(str(library))
 
 
-class _Buffer(ctypes.Structure):
+class _Buffer(ctypes.Structure):  # host_warps::Buffer
     _fields_ = [("data", ctypes.c_void_p), ("bytes", ctypes.c_int64)]
 
 

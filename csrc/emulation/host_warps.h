@@ -94,6 +94,24 @@ struct Checks {
 };
 inline Checks checks;
 
+// A buffer as a C caller (a test, through ctypes) passes it.
+struct Buffer {
+  const void* data;
+  int64_t bytes;
+};
+
+// Forgets the last run's error and registers the buffers the next run may read.
+inline void start_checks(const Buffer* readable, int n) {
+  checks = {};
+  for (int i = 0; i < n; ++i) {
+    const char* begin = static_cast<const char*>(readable[i].data);
+    checks.readable.emplace_back(begin, begin + readable[i].bytes);
+  }
+}
+
+// The first error of the last run for a C caller (null: none), valid until the next run.
+inline const char* run_error() { return checks.error.empty() ? nullptr : checks.error.c_str(); }
+
 inline void fail(const std::string& message) {
   if (checks.error.empty()) checks.error = message;
 }
@@ -194,6 +212,17 @@ inline void run_block(int threads, std::function<void()> body, size_t shared_byt
     }
   }
   block = nullptr;
+}
+
+// Runs body as every block of a (grid_x, grid_y) grid, one after another, until one fails a check.
+inline void run_grid(int64_t grid_x, int64_t grid_y, int threads, size_t shared_bytes,
+                     const std::function<void()>& body) {
+  for (int64_t x = 0; x < grid_x; ++x)
+    for (int64_t y = 0; y < grid_y; ++y) {
+      blockIdx = {static_cast<unsigned>(x), static_cast<unsigned>(y), 0};
+      run_block(threads, body, shared_bytes);
+      if (!checks.error.empty()) return;
+    }
 }
 
 // Deposits `words` 32-bit words, waits for the warp, and returns the warp's slots of this operation.

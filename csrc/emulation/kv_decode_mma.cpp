@@ -4,30 +4,6 @@
 #define ENGRAM_HOST_WARPS
 #include "../cuda/kvcache_decode_mma.cuh"
 
-namespace {
-
-struct Buffer {
-  const void* data;
-  int64_t bytes;
-};
-
-template <typename T>
-void run_grid(engram::mma_decode::Args a, int bits, int64_t heads, const void* query, const void* residual_keys,
-              const void* residual_values) {
-  const auto kernel = engram::mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
-  for (int64_t head = 0; head < heads; ++head)
-    for (int split = 0; split < a.n_splits; ++split) {
-      blockIdx = {static_cast<unsigned>(head), static_cast<unsigned>(split), 0};
-      engram::host_warps::run_block(engram::mma_decode::kWarps * engram::kWarp, [&] {
-        kernel(static_cast<const T*>(query), static_cast<const T*>(residual_keys),
-               static_cast<const T*>(residual_values), a);
-      });
-      if (!engram::host_warps::checks.error.empty()) return;
-    }
-}
-
-}  // namespace
-
 // Returns an error message, or nullptr when the kernel ran cleanly. `readable` lists the buffers the
 // kernel may read (the inputs); the partials are (heads, n_splits, rows[, d]) fp32.
 extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t heads, int64_t packed_len,
@@ -37,9 +13,8 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
                                             const void* residual_values, const void* key_codes,
                                             const void* key_scale, const void* key_zero, const void* value_codes,
                                             const void* value_scale, const void* value_zero, float* part_m,
-                                            float* part_l, float* part_acc, const Buffer* readable,
-                                            int n_readable) {
-  static std::string error;
+                                            float* part_l, float* part_acc,
+                                            const engram::host_warps::Buffer* readable, int n_readable) {
   if (!engram::mma_decode::supported_shape(d, bits, group, rows)) return "shape not supported by the kernel";
   engram::DecodeArgs a{};
   a.key_codes = static_cast<const uint8_t*>(key_codes);
@@ -55,15 +30,17 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
   a.rows = rows, a.q_len = q_len, a.group = group, a.gv = std::min(group, d), a.d = d;
   a.scale = scale;
 
-  auto& checks = engram::host_warps::checks;
-  checks = {};
-  for (int i = 0; i < n_readable; ++i) {
-    const char* begin = static_cast<const char*>(readable[i].data);
-    checks.readable.emplace_back(begin, begin + readable[i].bytes);
-  }
+  engram::host_warps::start_checks(readable, n_readable);
   const auto args = engram::mma_decode::make_args(a, l2_prefetch != 0);
-  if (bf16) run_grid<at::BFloat16>(args, bits, heads, query, residual_keys, residual_values);
-  else run_grid<at::Half>(args, bits, heads, query, residual_keys, residual_values);
-  error = checks.error;
-  return error.empty() ? nullptr : error.c_str();
+  const auto run = [&](auto element) {
+    using T = decltype(element);
+    const auto kernel = engram::mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
+    engram::host_warps::run_grid(heads, a.n_splits, engram::mma_decode::kWarps * engram::kWarp, 0, [&] {
+      kernel(static_cast<const T*>(query), static_cast<const T*>(residual_keys),
+             static_cast<const T*>(residual_values), args);
+    });
+  };
+  if (bf16) run(at::BFloat16{});
+  else run(at::Half{});
+  return engram::host_warps::run_error();
 }
