@@ -64,20 +64,25 @@ struct Block {
   int tiles;           // (column tile, chunk) pieces the block walks
 
   // Stages piece `t` (column tile t / kChunks, chunk t % kChunks) of dy and the tile's B rows;
-  // rows and columns past the ends read as zeros.
+  // rows and columns past the ends read as zeros. A thread copies one 16-byte column chunk of every
+  // 16th row, so its source advances by 16 rows and its destination by a constant (the rows it
+  // writes share row % 8, hence the swizzle).
   __device__ __forceinline__ void issue(int t) const {
-    const int stage = t % kStages;
-    const int64_t col0 = (col_tile0 + t / kChunks) * kTileCols, rows = row0 + (t % kChunks) * kChunkRows;
+    constexpr int kRowsApart = kWarps * kWarp / 8;
+    const int stage = t % kStages, row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+    const int64_t col0 = (col_tile0 + t / kChunks) * kTileCols, first_row = row0 + (t % kChunks) * kChunkRows + row;
+    const int64_t col = col0 + chunk * 8, rows_left = col < c ? n - first_row : 0;  // c % 8 == 0: whole chunks
+    const T* from = dy + first_row * c + col;
+    T* to = &sh.dy[stage][dy_at(row, chunk)];
 #pragma unroll
-    for (int i = 0; i < kChunkRows * kTileCols / 8 / (kWarps * kWarp); ++i) {
-      const int at = threadIdx.x + i * kWarps * kWarp, row = at / 8, chunk = at % 8;
-      const int64_t r = rows + row, col = col0 + chunk * 8;
-      const bool valid = r < n && col < c;  // c % 8 == 0: a chunk is wholly inside or outside
-      ptx::cp_async_16(&sh.dy[stage][dy_at(row, chunk)], valid ? dy + r * c + col : dy, valid ? 16 : 0);
+    for (int i = 0; i < kChunkRows / kRowsApart; ++i) {
+      const bool valid = i * kRowsApart < rows_left;
+      ptx::cp_async_16(to + i * kRowsApart * kTileCols, valid ? from : dy, valid ? 16 : 0);
+      from += kRowsApart * c;
     }
-    const int row = threadIdx.x / 2, chunk = threadIdx.x % 2;  // kTileCols x 2 chunks: one per thread
-    const bool valid = col0 + row < c;
-    ptx::cp_async_16(&sh.b[stage][rank_at(row, chunk)], valid ? b + (col0 + row) * kRank + chunk * 8 : b,
+    const int b_row = threadIdx.x / 2, b_chunk = threadIdx.x % 2;  // kTileCols x 2 chunks: one per thread
+    const bool valid = col0 + b_row < c;
+    ptx::cp_async_16(&sh.b[stage][rank_at(b_row, b_chunk)], valid ? b + (col0 + b_row) * kRank + b_chunk * 8 : b,
                      valid ? 16 : 0);
   }
 };
@@ -106,6 +111,17 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
     ptx::cp_async_commit();  // an empty group keeps the wait counts uniform
   }
 
+  // The lanes' ldmatrix rows, as element offsets: 16 rows further keep the swizzle (row % 8 and
+  // (row / 4) % 2 unchanged), so only the column chunk needs one offset per k-step.
+  int dy_a[kTileCols / 16], dy_b[kTileCols / 16];  // dy as A of dy B (k-step ks), as B of uᵀ dy (column pair cn)
+#pragma unroll
+  for (int k = 0; k < kTileCols / 16; ++k) {
+    dy_a[k] = dy_at(warp * 32 + lane % 16, k * 2 + lane / 16);
+    dy_b[k] = dy_at(warp * 32 + lane % 8 + 8 * (lane / 8 % 2), k * 2 + lane / 16);
+  }
+  const int b_row = rank_at(lane % 8 + 8 * (lane / 8 % 2), lane / 16);
+  const int u_row = rank_at(warp * 32 + lane % 8 + 8 * (lane / 16), lane / 8 % 2);
+
   float gacc[kChunks][2][2][4] = {};  // rows of the warp per chunk: 2 m-tiles x 2 n-tiles (rank 0-7, 8-15)
   float dacc[kTileCols / 8][4] = {};  // d of the column tile: 8 n-tiles (columns) x rank rows g, g + 8
   for (int first = 0; first < blk.tiles; first += kChunks) {  // one column tile
@@ -121,11 +137,11 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
 #pragma unroll
       for (int ks = 0; ks < kTileCols / 16; ++ks) {  // g += dy B over the tile's columns
         uint32_t bf[4];  // n-tile 0: bf[0], bf[1] (k 0-7, 8-15); n-tile 1: bf[2], bf[3]
-        ptx::ldmatrix_x4<true>(bf, &sh.b[stage][rank_at(ks * 16 + lane % 8 + 8 * (lane / 8 % 2), lane / 16)]);
+        ptx::ldmatrix_x4<true>(bf, &sh.b[stage][b_row + ks * 16 * kRank]);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
           uint32_t a[4];
-          ptx::ldmatrix_x4<false>(a, &tile[dy_at(warp * 32 + mt * 16 + lane % 16, ks * 2 + lane / 16)]);
+          ptx::ldmatrix_x4<false>(a, &tile[dy_a[ks] + mt * 16 * kTileCols]);
           mma<T>(gacc[chunk][mt][0], a, bf[0], bf[1]);
           mma<T>(gacc[chunk][mt][1], a, bf[2], bf[3]);
         }
@@ -133,13 +149,11 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
 #pragma unroll
       for (int kr = 0; kr < 2; ++kr) {  // d += uᵀ dy over the warp's rows
         uint32_t a[4];
-        const int row = chunk * kChunkRows + warp * 32 + kr * 16;
-        ptx::ldmatrix_x4<true>(a, &sh.u[rank_at(row + lane % 8 + 8 * (lane / 16), lane / 8 % 2)]);
+        ptx::ldmatrix_x4<true>(a, &sh.u[u_row + (chunk * kChunkRows + kr * 16) * kRank]);
 #pragma unroll
         for (int cn = 0; cn < kTileCols / 16; ++cn) {
           uint32_t bf[4];
-          ptx::ldmatrix_x4<true>(bf, &tile[dy_at(warp * 32 + kr * 16 + lane % 8 + 8 * (lane / 8 % 2),
-                                                 cn * 2 + lane / 16)]);
+          ptx::ldmatrix_x4<true>(bf, &tile[dy_b[cn] + kr * 16 * kTileCols]);
           mma<T>(dacc[2 * cn], a, bf[0], bf[1]);
           mma<T>(dacc[2 * cn + 1], a, bf[2], bf[3]);
         }
