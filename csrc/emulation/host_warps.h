@@ -1,5 +1,5 @@
 // Runs CUDA kernel source on a CPU, for machines without a GPU: every thread of a block is a fiber
-// (ucontext) on one OS thread, and a warp-wide operation (shuffle, vote, mma.sync) or __syncthreads
+// (ucontext) on one OS thread, and a warp-wide operation (shuffle, vote, mma.sync, ldmatrix) or __syncthreads
 // parks its thread until every thread it waits for has arrived; then each reads the others' values.
 // Blocks run one after another, so a kernel's __shared__ arrays are plain statics.
 //
