@@ -43,6 +43,27 @@ def _pointer(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _readable(inputs):
+    """The (Buffer array, count) arguments that let the kernel read `inputs` and nothing else."""
+    buffers = (_Buffer * len(inputs))(*[(t.data_ptr(), t.numel() * t.element_size()) for t in inputs])
+    return buffers, ctypes.c_int(len(inputs))
+
+
+GUARD = 64  # NaN elements past each output: a kernel writing past its output overwrites them
+
+
+def _guarded(numel):
+    return torch.full((numel + GUARD,), float("nan"))
+
+
+def _checked(error, *outputs):
+    """Raises the harness's error, checks the guards; the outputs without them."""
+    if error:
+        raise RuntimeError(error.decode())
+    assert all(t[-GUARD:].isnan().all() for t in outputs), "the kernel wrote past its output"
+    return [t[:-GUARD] for t in outputs]
+
+
 def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale, tokens_per_split,
                   n_splits=None, l2_prefetch=True):
     """Runs the tensor-core decode kernel over the packed cache (a PackedKV on the CPU) and merges
@@ -54,11 +75,9 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
     heads, rows, residual_len = b * hkv, hq // hkv * q_len, residual_keys.shape[2]
     if n_splits is None:
         n_splits = -(-packed_len // tokens_per_split) + 1
-    parts = torch.full((heads * n_splits * rows * (d + 2) + 64,), float("nan"))  # 64: a guard past the end
-    part_m, part_l = parts[:heads * n_splits * rows], parts[heads * n_splits * rows:2 * heads * n_splits * rows]
-    part_acc = parts[2 * heads * n_splits * rows:-64]
+    stats = heads * n_splits * rows
+    part_m, part_l, part_acc = _guarded(stats), _guarded(stats), _guarded(stats * d)
     inputs = [query, residual_keys, residual_values, *packed.tensors()]
-    readable = (_Buffer * len(inputs))(*[(t.data_ptr(), t.numel() * t.element_size()) for t in inputs])
     run = library.engram_kv_decode_mma
     run.restype = ctypes.c_char_p
     error = run(ctypes.c_int(query.dtype == torch.bfloat16), ctypes.c_int(packed.bits), ctypes.c_int(d),
@@ -66,10 +85,8 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
                 ctypes.c_int(rows), ctypes.c_int(q_len), ctypes.c_int(packed.group_size), ctypes.c_float(scale),
                 ctypes.c_int64(tokens_per_split), ctypes.c_int(n_splits), ctypes.c_int(l2_prefetch),
                 *map(_pointer, inputs), _pointer(part_m), _pointer(part_l), _pointer(part_acc),
-                readable, ctypes.c_int(len(inputs)))
-    if error:
-        raise RuntimeError(error.decode())
-    assert parts[-64:].isnan().all(), "the kernel wrote past its partials"
+                *_readable(inputs))
+    part_m, part_l, part_acc = _checked(error, part_m, part_l, part_acc)
     return _merge(part_m.view(heads, n_splits, rows), part_l.view(heads, n_splits, rows),
                   part_acc.view(heads, n_splits, rows, d)).view(b, hq, q_len, d).to(query.dtype)
 
@@ -91,15 +108,8 @@ def lora_dy_products(library, grad_y, lora_b, u, target_blocks):
     args = [ctypes.c_int(grad_y.dtype == torch.bfloat16), *map(_pointer, (grad_y, lora_b, u))]
     run(*args, None, None, ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(target_blocks), plan, None, 0)
     row_blocks, splits = plan[0], plan[1]
-    g_part = torch.full((splits * n * 16 + 64,), float("nan"))  # 64: a guard past the end
-    d_part = torch.full((row_blocks * 16 * c + 64,), float("nan"))
-    inputs = [grad_y, lora_b, u]
-    readable = (_Buffer * len(inputs))(*[(t.data_ptr(), t.numel() * t.element_size()) for t in inputs])
+    g_part, d_part = _guarded(splits * n * 16), _guarded(row_blocks * 16 * c)
     error = run(*args, _pointer(g_part), _pointer(d_part), ctypes.c_int64(n), ctypes.c_int64(c),
-                ctypes.c_int64(target_blocks), plan, readable, ctypes.c_int(len(inputs)))
-    if error:
-        raise RuntimeError(error.decode())
-    assert g_part[-64:].isnan().all() and d_part[-64:].isnan().all(), "the kernel wrote past its partials"
-    g = g_part[:-64].view(splits, n, 16).sum(0)[:, :rank]
-    d = d_part[:-64].view(row_blocks, 16, c).sum(0)[:rank]
-    return g, d
+                ctypes.c_int64(target_blocks), plan, *_readable([grad_y, lora_b, u]))
+    g_part, d_part = _checked(error, g_part, d_part)
+    return g_part.view(splits, n, 16).sum(0)[:, :rank], d_part.view(row_blocks, 16, c).sum(0)[:rank]

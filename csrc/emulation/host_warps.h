@@ -165,6 +165,14 @@ struct Block {
 };
 inline Block* block = nullptr;
 
+// Whether [p, p + bytes) lies in the block's dynamic shared memory, starting 16-byte aligned (what
+// ldmatrix rows and cp.async destinations need).
+inline bool in_shared(const void* p, size_t bytes) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const auto& shared = block->shared;
+  return c >= shared.data() && c + bytes <= shared.data() + shared.size() && (c - shared.data()) % 16 == 0;
+}
+
 inline void thread_main() {
   block->body();
   block->threads[block->current].wait = Block::kDone;
@@ -312,10 +320,7 @@ inline void prefetch_l2(const void* p) {
 
 template <bool TRANS>
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
-  auto& shared = host_warps::block->shared;
-  const auto* p = static_cast<const unsigned char*>(row);
-  if (p < shared.data() || p + 16 > shared.data() + shared.size() || (p - shared.data()) % 16)
-    host_warps::fail("ldmatrix row outside shared memory or not 16-byte aligned");
+  if (!host_warps::in_shared(row, 16)) host_warps::fail("ldmatrix row outside shared memory or not 16-byte aligned");
   uint32_t words[2];
   std::memcpy(words, &row, sizeof(row));
   int parity;
@@ -323,7 +328,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   const auto row_of = [&](int lane) {  // lane's row address, or null if it failed the check
     const unsigned char* q;
     std::memcpy(&q, warp[lane].slot[parity], sizeof(q));
-    return q >= shared.data() && q + 16 <= shared.data() + shared.size() ? q : nullptr;
+    return host_warps::in_shared(q, 16) ? q : nullptr;
   };
   const auto element = [&](int lane, int column) -> uint32_t {
     const unsigned char* q = row_of(lane);
@@ -342,9 +347,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 }
 
 inline void cp_async_16(void* shared, const void* global, int bytes) {
-  auto& memory = host_warps::block->shared;
-  const auto* to = static_cast<const unsigned char*>(shared);
-  if (to < memory.data() || to + 16 > memory.data() + memory.size() || (to - memory.data()) % 16) {
+  if (!host_warps::in_shared(shared, 16)) {
     host_warps::fail("cp.async destination outside shared memory or not 16-byte aligned");
     return;
   }
