@@ -10,8 +10,6 @@ triton), device time per kernel. Without one: LoRA at `smollm2` (fp32; base, cpu
 extensions' own calls are not profiled ops and do not show).
 """
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -54,19 +52,9 @@ def report(title, fn, device, calls, top=8):
         print(f"  {us:9.1f} µs  {name[:110]}")
 
 
-@contextlib.contextmanager
-def environment(**values):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-
-
 def profile_lora(device, calls):
     import test_lora_bench as bench
+    from kv_decode_probe import environment
     name = "llama8b" if device.type == "cuda" else "smollm2"
     config, inputs = bench.resolved(name, device), bench.inputs_for(name, device)
     variants = [("triton", {}), ("cuda", {}), ("cuda", {"ENGRAM_LORA_DY_GEMMS": "1"})] if device.type == "cuda" \

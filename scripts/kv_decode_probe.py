@@ -9,6 +9,7 @@ runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton b
 --cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
 times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off).
 """
+import contextlib
 import os
 import sys
 
@@ -87,11 +88,22 @@ def sweep():
              "1 query row per KV head": {"q_heads": 8}, "8 query rows per KV head": {"q_heads": 64},
              "no residual window": {"residual": 0}, "no L2 prefetch": {}}
     for name, change in cases.items():
-        os.environ["ENGRAM_KV_L2_PREFETCH"] = "0" if name == "no L2 prefetch" else "1"
-        ms, megabytes = cuda_gpu_ms(**{"context": 131072, **change})
+        with environment(ENGRAM_KV_L2_PREFETCH="0" if name == "no L2 prefetch" else "1"):
+            ms, megabytes = cuda_gpu_ms(**{"context": 131072, **change})
         print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({megabytes:.1f} MB packed)")
         torch.cuda.empty_cache()
-    del os.environ["ENGRAM_KV_L2_PREFETCH"]
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """Environment variables set for the block (the kernels' timing switches read them per call)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def cuda_gpu_ms(**settings):
