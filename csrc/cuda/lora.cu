@@ -234,9 +234,8 @@ std::vector<Tensor> fused_dy_products(const Tensor& dy, const Tensor& b, const T
   const auto plan = dy_products::plan(n, c, 2 * static_cast<int64_t>(sms));  // 2 blocks fit an SM's shared memory
   Tensor g_part = at::empty({plan.splits, n, dy_products::kRank}, dy.options().dtype(at::kFloat));
   Tensor d_part = at::empty({plan.row_blocks, dy_products::kRank, c}, dy.options().dtype(at::kFloat));
-  AT_DISPATCH_SWITCH(dy.scalar_type(), "fused_dy_products",
-                     AT_DISPATCH_CASE(at::ScalarType::Half, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); })
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); }));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "fused_dy_products",
+                                     [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); });
   return {g_part.sum(0), d_part.sum(0)};
 }
 
