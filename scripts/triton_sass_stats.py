@@ -9,7 +9,8 @@ H100 reported in benchmarks/results/logs/nvidia-h100-80gb-hbm3-20261126-1909-kv-
 
     python scripts/triton_sass_stats.py [--bits 4] [--warps 4 8] [--stages 3] [--dtype bfloat16] [--no-ptx]
     python scripts/triton_sass_stats.py --module old.py --bits 4 --warps 4  (another version's kernel)
-    python scripts/triton_sass_stats.py --cuda-object BUILD/kvcache.cuda.o   (the CUDA tensor-core kernel)
+    python scripts/triton_sass_stats.py --cuda-object BUILD/kvcache.cuda.o   (the CUDA tensor-core kernel;
+                                                  BUILD/lora.cuda.o: the fused LoRA dy kernel)
 
 Needs triton's bundled CUDA tools (ptxas, cuobjdump: triton/backends/nvidia/bin), no driver.
 """
@@ -36,7 +37,14 @@ SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_spl
 # What Triton's launcher tells the compiler at a long context: torch's allocations are 16-byte
 # aligned and these integers are multiples of 16 (whole groups), so loads can be vectorized.
 MULTIPLES_OF_16 = ("packed_len", "residual_len", "n_groups", "n_splits")
-MMA_KERNEL = "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128EEEvPKT_S6_S6_NS0_4ArgsE"
+# The CUDA kernels --cuda-object looks for (bf16): the tensor-core KV decode, int4, d 128, one value group
+# per token (key groups of 128 or more), in kvcache.cu's object; the fused LoRA dy products in lora.cu's.
+CUDA_KERNELS = {
+    "cuda tensor-core decode, int4 bf16 d 128, 4 warps":
+        "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi1EEEvPKT_S6_S6_NS0_4ArgsE",
+    "cuda fused LoRA dy products, bf16, 4 warps":
+        "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEEvPKT_S6_S6_PfS7_lli",
+}
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -74,8 +82,9 @@ def sass_stats(cubin):
 
 
 def object_stats(path, function=None):
-    """The same for a CUDA object or library (`function`: one mangled kernel name, else all of them)."""
-    select = ["-fun", function] if function else []
+    """The same for a CUDA object or library (`function`: one mangled kernel name, else all of them), its
+    sm_90 code only (an extension built for several GPUs holds one copy per architecture)."""
+    select = ["-arch", "sm_90", *(["-fun", function] if function else [])]
     usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", *select, path], capture_output=True, text=True).stdout
     sass = subprocess.run([TOOLS / "cuobjdump", "-sass", *select, path], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
@@ -114,13 +123,15 @@ def main(argv=None):
                              "REV:engram_kernels/ops/kvcache/triton_kernels.py > old.py (its relative imports "
                              "made absolute)")
     parser.add_argument("--cuda-object", metavar="PATH",
-                        help="instead: the tensor-core decode kernel (bf16, int4, d 128) in this compiled object of "
-                             "csrc/cuda/kvcache.cu (e.g. the build directory's kvcache.cuda.o)")
+                        help="instead: the CUDA kernels of CUDA_KERNELS in this compiled object or library (e.g. "
+                             "the build directory's kvcache.cuda.o or lora.cuda.o)")
     args = parser.parse_args(argv)
     if args.cuda_object:
-        resources, total, loops = object_stats(args.cuda_object, MMA_KERNEL)
-        print(f"cuda tensor-core decode, int4 bf16 d 128, 4 warps: {resources}, {total} instructions")
-        print_loops(loops, 4)
+        for title, name in CUDA_KERNELS.items():
+            resources, total, loops = object_stats(args.cuda_object, name)
+            if total:
+                print(f"{title}: {resources}, {total} instructions")
+                print_loops(loops, 4)
         return
     dtype = getattr(torch, args.dtype)
     other = _load(args.module)._decode_kernel if args.module else None
