@@ -13,7 +13,8 @@
 # (our results, written after each benchmark, so a cut-short run keeps what it measured), report.md,
 # kv-probe.log and profile.log.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
-# TESTS="a.py b.py" runs those test files only (default: all of tests/).
+# TESTS="a.py b.py" runs those test files only (default: all of tests/); TEST_SECONDS=n gives them n
+# seconds (default: up to 150, leaving the benchmarks two minutes).
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
 # BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: LoRA, KV cache, memory:
 # the open targets first, and LoRA before the KV kernels, so that a KV kernel that faults the CUDA
@@ -95,6 +96,7 @@ print("memory probe, 4 MiB tensor (expect 4.0 / 4.0):", measure_memory(lambda: t
 TEST_LIMIT=$(( $(left) - REPORT_RESERVE - 120 ))
 [ "$TEST_LIMIT" -gt 150 ] && TEST_LIMIT=150
 [ "$TEST_LIMIT" -lt 30 ] && TEST_LIMIT=30
+TEST_LIMIT=${TEST_SECONDS:-$TEST_LIMIT}
 stage "tests: ENGRAM_TEST_GPU=1 python3 -m pytest ${TESTS:-tests} --maxfail=60 -q (limit ${TEST_LIMIT}s, log: tests.log)"
 # shellcheck disable=SC2086
 ENGRAM_TEST_GPU=1 timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest ${TESTS:-tests} --maxfail=60 -q -p no:cacheprovider \

@@ -52,8 +52,8 @@ def _readable(inputs):
 GUARD = 64  # NaN elements past each output: a kernel writing past its output overwrites them
 
 
-def _guarded(numel):
-    return torch.full((numel + GUARD,), float("nan"))
+def _guarded(numel, dtype=torch.float32):
+    return torch.full((numel + GUARD,), float("nan"), dtype=dtype)
 
 
 def _checked(error, *outputs):
@@ -66,10 +66,9 @@ def _checked(error, *outputs):
 
 def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale, tokens_per_split,
                   n_splits=None, l2_prefetch=True):
-    """Runs the tensor-core decode kernel over the packed cache (a PackedKV on the CPU) and merges
-    its split-K partials in fp32 as kvcache.cu's merge kernel does. n_splits None: as plan_splits
-    makes them, the residual window's split after the packed ones; given: the last split also
-    holds packed tokens."""
+    """Runs the tensor-core decode kernel over the packed cache (a PackedKV on the CPU); its last
+    block per head merges the split-K partials. n_splits None: as plan_splits makes them, the
+    residual window's split after the packed ones; given: the last split also holds packed tokens."""
     b, hq, q_len, d = query.shape
     _, hkv, packed_len, _ = packed.key_codes.shape
     heads, rows, residual_len = b * hkv, hq // hkv * q_len, residual_keys.shape[2]
@@ -77,6 +76,7 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
         n_splits = -(-packed_len // tokens_per_split) + 1
     stats = heads * n_splits * rows
     part_m, part_l, part_acc = _guarded(stats), _guarded(stats), _guarded(stats * d)
+    out, done = _guarded(query.numel(), query.dtype), torch.zeros(heads, dtype=torch.int32)
     inputs = [query, residual_keys, residual_values, *packed.tensors()]
     run = library.engram_kv_decode_mma
     run.restype = ctypes.c_char_p
@@ -84,17 +84,11 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
                 ctypes.c_int64(heads), ctypes.c_int64(packed_len), ctypes.c_int64(residual_len),
                 ctypes.c_int(rows), ctypes.c_int(q_len), ctypes.c_int(packed.group_size), ctypes.c_float(scale),
                 ctypes.c_int64(tokens_per_split), ctypes.c_int(n_splits), ctypes.c_int(l2_prefetch),
-                *map(_pointer, inputs), _pointer(part_m), _pointer(part_l), _pointer(part_acc),
-                *_readable(inputs))
-    part_m, part_l, part_acc = _checked(error, part_m, part_l, part_acc)
-    return _merge(part_m.view(heads, n_splits, rows), part_l.view(heads, n_splits, rows),
-                  part_acc.view(heads, n_splits, rows, d)).view(b, hq, q_len, d).to(query.dtype)
-
-
-def _merge(m, l, acc):
-    """Split-K partials (max, sum, unnormalized output) -> the softmax-weighted output, fp32."""
-    weight = torch.exp(m - m.amax(1, keepdim=True)).nan_to_num_(0.0)  # -inf parts (nothing seen): 0
-    return (weight.unsqueeze(-1) * acc).sum(1) / (weight * l).sum(1).unsqueeze(-1)
+                *map(_pointer, inputs), _pointer(part_m), _pointer(part_l), _pointer(part_acc), _pointer(out),
+                _pointer(done), *_readable(inputs + [part_m, part_l, part_acc]))
+    (out,) = _checked(error, out)
+    assert not done.any(), "the kernel left its split counters set"
+    return out.view(b, hq, q_len, d)
 
 
 def lora_dy_products(library, grad_y, lora_b, u, target_blocks):

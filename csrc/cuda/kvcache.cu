@@ -334,9 +334,22 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
 
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
-mma_decode::Args mma_args(const DecodeArgs& a) {
+// Per-head counters of finished splits for the tensor-core kernel's merge, one array per device and
+// stream: zeroed when allocated, and every kernel leaves them zero.
+int* split_counters(int64_t heads) {
+  static std::mutex mutex;
+  static auto* known = new std::map<std::pair<int, cudaStream_t>, Tensor>;  // never freed: no CUDA calls at exit
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const std::lock_guard<std::mutex> lock(mutex);
+  Tensor& counters = (*known)[{stream.device_index(), stream.stream()}];
+  if (!counters.defined() || counters.numel() < heads)
+    counters = at::zeros({std::max<int64_t>(heads, 64)}, at::TensorOptions(at::kInt).device(at::kCUDA, stream.device_index()));
+  return counters.data_ptr<int>();
+}
+
+mma_decode::Args mma_args(const DecodeArgs& a, int64_t heads) {
   const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");  // read per call: a probe can flip it
-  return mma_decode::make_args(a, prefetch == nullptr || std::strcmp(prefetch, "0") != 0);
+  return mma_decode::make_args(a, prefetch == nullptr || std::strcmp(prefetch, "0") != 0, split_counters(heads));
 }
 
 void check_cuda(const Tensor& t, const char* name) {
@@ -347,7 +360,7 @@ const __half* half_ptr(const Tensor& t) { return reinterpret_cast<const __half*>
 __half* half_ptr_mut(Tensor& t) { return reinterpret_cast<__half*>(t.data_ptr<at::Half>()); }
 
 // Blocks of `kernel` resident at once on the current device (asked once per kernel and device).
-int resident_blocks(const void* kernel) {
+int resident_blocks(const void* kernel, size_t shared_bytes) {
   static std::mutex mutex;
   static std::map<std::pair<const void*, int>, int> known;
   const int device = c10::cuda::current_device();
@@ -355,7 +368,7 @@ int resident_blocks(const void* kernel) {
   auto it = known.find({kernel, device});
   if (it == known.end()) {
     int per_sm = 0, sms = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * kWarp, 0));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * kWarp, shared_bytes));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     it = known.emplace(std::make_pair(kernel, device), std::max(per_sm, 1) * sms).first;
   }
@@ -364,25 +377,33 @@ int resident_blocks(const void* kernel) {
 
 // Token splits per head for `kernel`: as many as make the grid one wave of resident blocks (a partly
 // filled second wave would cost a whole block's time), less the residual window's split, the last.
-void plan_splits(DecodeArgs& a, const void* kernel, int64_t heads) {
+void plan_splits(DecodeArgs& a, const void* kernel, size_t shared_bytes, int64_t heads) {
   const int64_t units = (a.packed_len + 63) / 64;  // splits hold whole 64-token units
-  const int64_t n = std::max<int64_t>(1, std::min(resident_blocks(kernel) / heads - 1, units));
+  const int64_t n = std::max<int64_t>(1, std::min(resident_blocks(kernel, shared_bytes) / heads - 1, units));
   a.tokens_per_split = std::max<int64_t>(1, (units + n - 1) / n) * 64;
   a.n_splits = static_cast<int>((a.packed_len + a.tokens_per_split - 1) / a.tokens_per_split + 1);
 }
 
-// Plans the splits, allocates the partials (`block_parts` per block), runs `kernel` and the merge.
-template <typename T, typename KernelArgs, typename Kernel>
-Tensor run_decode(Kernel kernel, KernelArgs a, int block_parts, const Tensor& query, const Tensor& rk,
-                  const Tensor& rv, int64_t heads) {
-  plan_splits(a, reinterpret_cast<const void*>(kernel), heads);
-  const int n_parts = a.n_splits * block_parts;
+// Plans the splits for `kernel` (with `shared_bytes` of dynamic shared memory) and points `a` at new
+// partials, `block_parts` per block; returns their storage.
+Tensor plan_partials(DecodeArgs& a, const void* kernel, size_t shared_bytes, int block_parts, const Tensor& query,
+                     int64_t heads) {
+  plan_splits(a, kernel, shared_bytes, heads);
   // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
-  const int64_t stats = heads * n_parts * a.rows;
+  const int64_t stats = heads * a.n_splits * block_parts * a.rows;
   Tensor parts = at::empty({stats * (a.d + 2)}, query.options().dtype(at::kFloat));
   a.part_m = parts.data_ptr<float>();
   a.part_l = a.part_m + stats;
   a.part_acc = a.part_l + stats;
+  return parts;
+}
+
+// The CUDA-core kernel (one partial per warp) and the merge kernel.
+template <typename T, typename Kernel>
+Tensor run_decode(Kernel kernel, DecodeArgs a, const Tensor& query, const Tensor& rk, const Tensor& rv,
+                  int64_t heads) {
+  const Tensor parts = plan_partials(a, reinterpret_cast<const void*>(kernel), 0, kWarps, query, heads);
+  const int n_parts = a.n_splits * kWarps;
   auto out = at::empty_like(query);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   kernel<<<dim3(heads, a.n_splits), kWarps * kWarp, 0, stream>>>(query.data_ptr<T>(), rk.data_ptr<T>(),
@@ -394,22 +415,36 @@ Tensor run_decode(Kernel kernel, KernelArgs a, int block_parts, const Tensor& qu
   return out;
 }
 
+// The tensor-core kernel (one partial per block), whose last block per head merges.
+template <typename T>
+Tensor run_mma_decode(int64_t bits, const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
+                      int64_t heads) {
+  const auto kernel = mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
+  const size_t shared = mma_decode::shared_bytes(a.d);
+  mma_decode::Args m = mma_args(a, heads);
+  const Tensor parts = plan_partials(m, reinterpret_cast<const void*>(kernel), shared, 1, query, heads);
+  auto out = at::empty_like(query);
+  kernel<<<dim3(heads, m.n_splits), kWarps * kWarp, shared, c10::cuda::getCurrentCUDAStream()>>>(
+      query.data_ptr<T>(), rk.data_ptr<T>(), rv.data_ptr<T>(), out.data_ptr<T>(), m);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 // The CUDA-core kernel (one partial per warp) for these bits, channels per lane and query rows.
 template <typename T, int BITS, int CPL>
 Tensor decode_cuda_cores(const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
                          int64_t heads) {
-  if (a.rows <= 4) return run_decode<T>(decode_kernel<T, BITS, CPL, 4>, a, kWarps, query, rk, rv, heads);
-  if (a.rows <= 8) return run_decode<T>(decode_kernel<T, BITS, CPL, 8>, a, kWarps, query, rk, rv, heads);
-  return run_decode<T>(decode_kernel<T, BITS, CPL, 16>, a, kWarps, query, rk, rv, heads);
+  if (a.rows <= 4) return run_decode<T>(decode_kernel<T, BITS, CPL, 4>, a, query, rk, rv, heads);
+  if (a.rows <= 8) return run_decode<T>(decode_kernel<T, BITS, CPL, 8>, a, query, rk, rv, heads);
+  return run_decode<T>(decode_kernel<T, BITS, CPL, 16>, a, query, rk, rv, heads);
 }
 
 template <typename T>
 Tensor decode(const DecodeArgs& a, int64_t bits, bool tensor_cores, const Tensor& query, const Tensor& rk,
               const Tensor& rv, int64_t heads) {
-  static_assert(mma_decode::kWarps == kWarps, "run_decode launches both kernels with kWarps warps");
+  static_assert(mma_decode::kWarps == kWarps, "both decode kernels plan their splits for kWarps warps");
   if constexpr (!std::is_same_v<T, float>) {  // mma_decode::supported admits 16-bit queries only
-    if (tensor_cores)
-      return run_decode<T>(mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv), mma_args(a), 1, query, rk, rv, heads);
+    if (tensor_cores) return run_mma_decode<T>(bits, a, query, rk, rv, heads);
   }
   if (bits == 4)
     return a.d == 64 ? decode_cuda_cores<T, 4, 2>(a, query, rk, rv, heads)
@@ -525,8 +560,8 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
   a.d = static_cast<int>(d);
   a.scale = static_cast<float>(scale);
   const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
-                            aligned(query, 8) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
-                            aligned(key_scale, 8) && aligned(key_zero, 8) && aligned(residual_keys, 8);
+                            aligned(query, 16) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
+                            aligned(key_scale, 16) && aligned(key_zero, 16) && aligned(residual_keys, 8);
   Tensor out;
   ENGRAM_DISPATCH_FLOATS(query.scalar_type(), "kv_decode_attention", [&] {
     out = decode<scalar_t>(a, bits, tensor_cores, query, residual_keys, residual_values, heads);

@@ -13,7 +13,9 @@
 // (which needs every value group to cover whole bit planes); zero points add as row constants.
 // A warp issues the next slab's loads (predicated, into registers nothing reads until that slab is
 // computed) before computing the current one, from pointers it advances instead of recomputing, and
-// asks L2 for the slab after that and for the next key group's scales (prefetch: no registers).
+// asks L2 for the slab after that (prefetch: no registers). The query rows sit in shared memory, and a
+// key group's scale and zero rows are copied there (cp.async) when the group before it starts, so that
+// a group's setup does not wait on global memory.
 #pragma once
 
 #ifdef ENGRAM_HOST_WARPS  // compiled for a CPU by the emulator the tests run (csrc/emulation)
@@ -99,7 +101,15 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* 
 // The shared decode arguments (kvcache.cu's kernels take the same).
 struct Args : DecodeArgs {
   bool l2_prefetch;  // ENGRAM_KV_L2_PREFETCH=0 turns the prefetch instructions off (to time them)
+  int* done;         // per head: splits finished; 0 before the kernel, and the kernel leaves it 0
 };
+
+constexpr int kWarps = 4;
+constexpr int kMaxRows = 8;  // query rows per KV head: the n of an m16n8k16 tile
+
+// Dynamic shared memory, all 16-bit: the block's query rows (kMaxRows x D), then per warp two key
+// groups' scale and zero rows (2 buffers x 2 x D).
+constexpr size_t shared_bytes(int64_t d) { return static_cast<size_t>(kMaxRows + kWarps * 4) * d * 2; }
 
 // One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
 // in O^T (channels x query rows) rows 2t and 2t + 1. VG value groups per token (a compile-time
@@ -118,7 +128,7 @@ struct Warp {
   using Op = Operand<T>;
 
   int g, t;
-  const T* qrow;           // query row g (a real row for padding rows), re-read per key group
+  const T* qrow;           // query row g in shared memory (a real row for padding rows), read per key group
   float qscale;            // the softmax scale (0 for padding rows: their A fragments are zero)
   uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
   float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
@@ -135,9 +145,9 @@ struct Warp {
     return (mm / (VBYTES / 2)) * P + (r % 8) * VBYTES + 2 * (mm % (VBYTES / 2)) + r / 8;
   }
 
-  __device__ __forceinline__ void init(const T* query, int64_t head, const Args& a, int lane) {
+  __device__ __forceinline__ void init(const T* query_rows, const Args& a, int lane) {
     g = lane / 4, t = lane % 4;
-    qrow = query + (head * a.rows + min(g, a.rows - 1)) * D;
+    qrow = query_rows + min(g, a.rows - 1) * D;
     qscale = g < a.rows ? a.scale : 0.f;
     m = -INFINITY, l = 0.f;
 #pragma unroll
@@ -148,8 +158,21 @@ struct Warp {
       for (int e = 0; e < 4; ++e) o[mm][e] = 0.f;
   }
 
-  // A fragments for one key group (scale, zero: the group's (D,) rows), or with CODES false for the
-  // residual window (no scales; a compile-time flag, so the packed loop has no null test to branch on).
+  // Copies a key group's scale and zero rows (D halves each, global) to `rows` (2 x D, shared): one
+  // 16-byte cp.async per lane, committed as one group.
+  __device__ __forceinline__ void stage_group(__half* rows, const __half* scale, const __half* zero) const {
+    constexpr int kChunks = D * 2 / 16;  // 16-byte pieces of one row
+    const int lane = 4 * g + t;
+    if (lane < 2 * kChunks) {
+      const __half* from = (lane < kChunks ? scale : zero) + 8 * (lane % kChunks);
+      ptx::cp_async_16(rows + 8 * lane, from, 16);
+    }
+    ptx::cp_async_commit();
+  }
+
+  // A fragments for one key group (scale, zero: the group's (D,) rows in shared memory), or with CODES
+  // false for the residual window (no scales; a compile-time flag, so the packed loop has no null test
+  // to branch on).
   template <bool CODES>
   __device__ __forceinline__ void set_group(const __half* scale, const __half* zero) {
     constexpr uint32_t kMagicPair = Op::kHighBytes & 0xff00ff00u;  // two 16-bit MAGICs
@@ -159,16 +182,16 @@ struct Warp {
       float s[4] = {1.f, 1.f, 1.f, 1.f}, z[4] = {0.f, 0.f, 0.f, 0.f};
       if constexpr (CODES) {
         const int c = key_channel(kk, t, 0);  // the lane's four channels are contiguous
-        const uint2 sv = __ldg(reinterpret_cast<const uint2*>(scale + c));
-        const uint2 zv = __ldg(reinterpret_cast<const uint2*>(zero + c));
+        const uint2 sv = *reinterpret_cast<const uint2*>(scale + c);
+        const uint2 zv = *reinterpret_cast<const uint2*>(zero + c);
         const __half* sh = reinterpret_cast<const __half*>(&sv);
         const __half* zh = reinterpret_cast<const __half*>(&zv);
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[e] = __half2float(sh[e]), z[e] = __half2float(zh[e]);
       }
       float q[4], qs[4];
-      {  // the lane's four channels: 8 aligned bytes (supported() checks the query)
-        const uint2 qv = __ldg(reinterpret_cast<const uint2*>(qrow + key_channel(kk, t, 0)));
+      {  // the lane's four channels: 8 aligned bytes
+        const uint2 qv = *reinterpret_cast<const uint2*>(qrow + key_channel(kk, t, 0));
         const T* qh = reinterpret_cast<const T*>(&qv);
 #pragma unroll
         for (int e = 0; e < 4; ++e) q[e] = static_cast<float>(qh[e]) * qscale;
@@ -299,13 +322,6 @@ struct Warp {
     if (lane <= 2 * kLines + 1 && exists) ptx::prefetch_l2(line);
   }
 
-  // The same for a key group's scale and zero rows (D halves each).
-  __device__ __forceinline__ void prefetch_group(const __half* scale, const __half* zero) const {
-    constexpr int kRowLines = (D * 2 + 127) / 128;
-    const int lane = 4 * g + t;
-    if (lane < 2 * kRowLines) ptx::prefetch_l2((lane < kRowLines ? scale : zero) + 64 * (lane % kRowLines));
-  }
-
   // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
   // them predicated loads into registers nothing reads before the slab is computed.
   __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid) const {
@@ -433,19 +449,54 @@ struct Warp {
   }
 };
 
-constexpr int kWarps = 4;
 // Three blocks per SM (168 registers; a few bytes spill): 4 would need 128 registers and spill the
 // loop's prefetched slab.
 constexpr int kMinBlocks = 3;
 
+// The head's output from its splits' partials (max, sum, unnormalized output), by the block that
+// finished last: __ldcg reads them from L2, where the other blocks' writes are.
+template <typename T, int D>
+__device__ void merge_splits(const Args& a, int64_t head, T* __restrict__ out) {
+  __shared__ float m_max[kMaxRows], total[kMaxRows];
+  const int64_t first = head * a.n_splits;
+  if (threadIdx.x < a.rows) {
+    const int r = threadIdx.x;
+    float m = -INFINITY, l = 0.f;
+    for (int s = 0; s < a.n_splits; ++s) m = fmaxf(m, __ldcg(a.part_m + (first + s) * a.rows + r));
+    for (int s = 0; s < a.n_splits; ++s) {
+      const float ms = __ldcg(a.part_m + (first + s) * a.rows + r);
+      if (ms != -INFINITY) l += __expf(ms - m) * __ldcg(a.part_l + (first + s) * a.rows + r);
+    }
+    m_max[r] = m, total[r] = l;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.rows * D; i += blockDim.x) {
+    const int r = i / D;
+    float acc = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < a.n_splits; ++s) {
+      const float ms = __ldcg(a.part_m + (first + s) * a.rows + r);
+      if (ms != -INFINITY) acc += __expf(ms - m_max[r]) * __ldcg(a.part_acc + ((first + s) * a.rows) * D + i);
+    }
+    out[head * a.rows * D + i] = static_cast<T>(acc / total[r]);
+  }
+  if (threadIdx.x == 0) a.done[head] = 0;  // ready for the next call
+}
+
 template <typename T, int BITS, int D, int VG>
 __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(const T* __restrict__ query,
                                                                 const T* __restrict__ residual_keys,
-                                                                const T* __restrict__ residual_values, Args a) {
+                                                                const T* __restrict__ residual_values,
+                                                                T* __restrict__ out, Args a) {
   const int64_t head = blockIdx.x;
   const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  ENGRAM_DYNAMIC_SHARED(shared);
+  T* query_rows = reinterpret_cast<T*>(shared);
+  __half* key_rows = reinterpret_cast<__half*>(shared) + (kMaxRows + warp * 4) * D;  // this warp's 2 x (scale, zero)
+  for (int i = threadIdx.x; i < a.rows * D / 8; i += kWarps * kWarp)  // 16 bytes each, committed with the first group
+    ptx::cp_async_16(query_rows + 8 * i, query + head * a.rows * D + 8 * i, 16);
   Warp<T, BITS, D, VG> w;
-  w.init(query, head, a, lane);
+  w.init(query_rows, a, lane);
   const int64_t last = a.packed_len + a.residual_len - a.q_len + w.g % a.q_len;  // row g: query token g % q_len
 
   // The split's packed tokens, a contiguous run of whole slabs per warp (key groups change rarely).
@@ -455,7 +506,19 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const auto valid = [&](int64_t sl) { return static_cast<int>(min(int64_t{16}, t1 - t0 - 16 * sl)); };
   typename Warp<T, BITS, D, VG>::Loads cur, next;
   auto at = w.cursor(head, t0 + 16 * first, a);
-  if (first < end) w.load(cur, at, valid(first));
+  const auto buffer = [&](int64_t group) { return key_rows + (group & 1) * 2 * D; };
+  const auto stage = [&](int64_t group) {
+    const int64_t rows = (head * a.n_groups + group) * D;
+    w.stage_group(buffer(group), a.key_scale + rows, a.key_zero + rows);
+  };
+  if (first < end) {
+    w.load(cur, at, valid(first));
+    stage((t0 + 16 * first) / a.group);
+  } else {
+    ptx::cp_async_commit();
+  }
+  ptx::cp_async_wait<0>();
+  __syncthreads();  // the query rows
   int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
 #pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
   for (int64_t sl = first; sl < end; ++sl) {
@@ -468,14 +531,15 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     if (tok0 >= next_group) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
-      const int64_t scales = (head * a.n_groups + group) * D;
-      w.template set_group<true>(a.key_scale + scales, a.key_zero + scales);
-      if (a.l2_prefetch && group + 1 < a.n_groups)
-        w.prefetch_group(a.key_scale + scales + D, a.key_zero + scales + D);
+      ptx::cp_async_wait<0>();  // this group's rows, staged when the previous one started
+      __syncwarp();             // ... by every lane; and every lane is done with the previous group's buffer
+      if (group + 1 < a.n_groups) stage(group + 1);
+      w.template set_group<true>(buffer(group), buffer(group) + D);
     }
     w.packed_slab(cur, tok0, valid(sl), last);
     cur = next;
   }
+  ptx::cp_async_wait<0>();  // a group staged past the warp's last slab
   if (split == a.n_splits - 1 && a.residual_len > 0) {
     w.template set_group<false>(nullptr, nullptr);
     for (int64_t tok0 = 16 * warp; tok0 < a.residual_len; tok0 += 16 * kWarps)
@@ -501,12 +565,20 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     a.part_acc[part * a.rows * D + i] = acc;
     if (i % D == 0) a.part_m[part * a.rows + row] = m_max, a.part_l[part * a.rows + row] = l_sum;
   }
+  // The head's last block to finish merges its splits (no second kernel launch per decode step).
+  __shared__ bool merges;
+  __threadfence();  // this block's partials are visible to every block before it counts itself done
+  __syncthreads();
+  if (threadIdx.x == 0) merges = atomicAdd(a.done + head, 1) == a.n_splits - 1;
+  __syncthreads();
+  if (merges) merge_splits<T, D>(a, head, out);
 }
 
 // The kernel's arguments from the shared ones (host side).
-inline Args make_args(const DecodeArgs& a, bool l2_prefetch) {
+inline Args make_args(const DecodeArgs& a, bool l2_prefetch, int* done) {
   Args m{a};
   m.l2_prefetch = l2_prefetch;
+  m.done = done;
   return m;
 }
 
@@ -515,7 +587,7 @@ inline Args make_args(const DecodeArgs& a, bool l2_prefetch) {
 // of an m16n8k16 tile).
 inline bool supported_shape(int64_t d, int64_t bits, int64_t group, int64_t rows) {
   const int64_t p = d * bits / 8, gv = std::min(group, d);
-  return (d == 64 || d == 128) && p / 8 >= 4 && group % 16 == 0 && gv % p == 0 && rows <= 8;
+  return (d == 64 || d == 128) && p / 8 >= 4 && group % 16 == 0 && gv % p == 0 && rows <= kMaxRows;
 }
 
 // The kernel for these bits, head dim and value groups per token (d / gv), of the shapes

@@ -386,6 +386,19 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// An L2 read on a GPU (the last block of a split-K merge reads the others' partials with it).
+template <typename T>
+inline T __ldcg(const T* p) {
+  return __ldg(p);
+}
+// Blocks run one after another: every write is visible and every add atomic.
+inline void __threadfence() {}
+inline int atomicAdd(int* p, int value) {
+  const int old = *p;
+  *p += value;
+  return old;
+}
+
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int lane) {
   return engram::host_warps::shuffle(value, lane);
@@ -401,6 +414,11 @@ inline int __any_sync(unsigned, bool predicate) {
   for (int lane = 0; lane < engram::kWarp; ++lane)
     if (warp[lane].slot[parity][0]) return 1;
   return 0;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  const uint32_t word[1] = {0};
+  int parity;
+  engram::host_warps::warp_exchange(word, parity);
 }
 inline void __syncthreads() {
   auto& self = engram::host_warps::block->threads[engram::host_warps::block->current];

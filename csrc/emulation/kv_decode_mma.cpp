@@ -1,11 +1,12 @@
 // The tensor-core KV decode kernel (csrc/cuda/kvcache_decode_mma.cuh) built for a CPU with
-// host_warps.h, behind a C function that tests load with ctypes: it runs every block of the grid
-// and leaves the split-K partials for the caller to merge.
+// host_warps.h, behind a C function that tests load with ctypes: it runs every block of the grid,
+// the last block of each head merging the head's split-K partials into `out`.
 #define ENGRAM_HOST_WARPS
 #include "../cuda/kvcache_decode_mma.cuh"
 
 // Returns an error message, or nullptr when the kernel ran cleanly. `readable` lists the buffers the
-// kernel may read (the inputs); the partials are (heads, n_splits, rows[, d]) fp32.
+// kernel may read (the inputs and the partials); the partials are (heads, n_splits, rows[, d]) fp32,
+// `out` is the query's shape and dtype, `done` (heads) zeros, as the kernel must leave it.
 extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t heads, int64_t packed_len,
                                             int64_t residual_len, int rows, int q_len, int group, float scale,
                                             int64_t tokens_per_split, int n_splits, int l2_prefetch,
@@ -13,7 +14,7 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
                                             const void* residual_values, const void* key_codes,
                                             const void* key_scale, const void* key_zero, const void* value_codes,
                                             const void* value_scale, const void* value_zero, float* part_m,
-                                            float* part_l, float* part_acc,
+                                            float* part_l, float* part_acc, void* out, int* done,
                                             const engram::host_warps::Buffer* readable, int n_readable) {
   if (!engram::mma_decode::supported_shape(d, bits, group, rows)) return "shape not supported by the kernel";
   engram::DecodeArgs a{};
@@ -31,13 +32,14 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
   a.scale = scale;
 
   engram::host_warps::start_checks(readable, n_readable);
-  const auto args = engram::mma_decode::make_args(a, l2_prefetch != 0);
+  const auto args = engram::mma_decode::make_args(a, l2_prefetch != 0, done);
   const auto run = [&](auto element) {
     using T = decltype(element);
     const auto kernel = engram::mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
-    engram::host_warps::run_grid(heads, a.n_splits, engram::mma_decode::kWarps * engram::kWarp, 0, [&] {
+    engram::host_warps::run_grid(heads, a.n_splits, engram::mma_decode::kWarps * engram::kWarp,
+                                 engram::mma_decode::shared_bytes(d), [&] {
       kernel(static_cast<const T*>(query), static_cast<const T*>(residual_keys),
-             static_cast<const T*>(residual_values), args);
+             static_cast<const T*>(residual_values), static_cast<T*>(out), args);
     });
   };
   if (bf16) run(at::BFloat16{});
