@@ -7,7 +7,8 @@ runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton b
                                         (default 32768 131072; Llama-8B heads, int4)
 
 --cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
-times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off).
+times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off
+and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k).
 """
 import contextlib
 import os
@@ -86,9 +87,12 @@ def sweep():
     cases = {"int4 group 64 (base)": {}, "int2": {"bits": 2}, "group 128": {"group": 128},
              "group 256": {"group": 256}, "batch 4 x 32k": {"batch": 4, "context": 32768},
              "1 query row per KV head": {"q_heads": 8}, "8 query rows per KV head": {"q_heads": 64},
-             "no residual window": {"residual": 0}, "no L2 prefetch": {}}
+             "no residual window": {"residual": 0}, "no L2 prefetch": {}, "fused merge": {},
+             "32k": {"context": 32768}, "32k, fused merge": {"context": 32768}}
+    switches = {"no L2 prefetch": {"ENGRAM_KV_L2_PREFETCH": "0"}, "fused merge": {"ENGRAM_KV_MERGE": "fused"},
+                "32k, fused merge": {"ENGRAM_KV_MERGE": "fused"}}
     for name, change in cases.items():
-        with environment(ENGRAM_KV_L2_PREFETCH="0" if name == "no L2 prefetch" else "1"):
+        with environment(**{"ENGRAM_KV_L2_PREFETCH": "1", "ENGRAM_KV_MERGE": "kernel", **switches.get(name, {})}):
             ms, megabytes = cuda_gpu_ms(**{"context": 131072, **change})
         print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({megabytes:.1f} MB packed)")
         torch.cuda.empty_cache()

@@ -177,6 +177,25 @@ def test_triton_decode_is_repeatable_and_resets_its_split_counters(kv_case):
     assert not triton_kernels._COUNTERS[query.device].any()
 
 
+@pytest.mark.parametrize("merge", ["kernel", "fused"])
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1, 128, 2000, 5, 64), (2, 8, 2, 2, 64, 1000, 7, 32)], ids=str)
+def test_cuda_decode_merges_its_splits_either_way(kv_case, monkeypatch, merge, shape):
+    """The tensor-core kernel's split-K partials are merged by a second kernel or, with
+    ENGRAM_KV_MERGE=fused, by each head's last block, found by a per-head counter that must be back
+    at zero after every call (a later call would merge early): three calls agree with the reference."""
+    backend, device = kv_case
+    if backend != "cuda":
+        pytest.skip("ENGRAM_KV_MERGE is the CUDA tensor-core kernel's switch")
+    monkeypatch.setenv("ENGRAM_KV_MERGE", merge)
+    for dtype in (torch.bfloat16, torch.float16):
+        query, packed, (rk, rv) = _decode_inputs(shape, 4, device, dtype)
+        outs = [decode_attention(query, packed, rk, rv) for _ in range(3)]
+        expected = naive.decode_attention(query.cpu(), *(t.cpu() for t in packed.tensors()), rk.cpu(), rv.cpu(), 4,
+                                          packed.group_size, shape[4] ** -0.5)
+        assert all(torch.equal(outs[0], out) for out in outs[1:])
+        torch.testing.assert_close(outs[0].cpu().float(), expected.float(), **tolerance(dtype))
+
+
 def test_decode_attention_of_an_empty_batch_is_empty(kv_case):
     """No batch rows (or no heads) with a non-empty packed store: an empty result, no kernel launch
     (the backends size their splits per head)."""

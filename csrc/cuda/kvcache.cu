@@ -347,9 +347,14 @@ int* split_counters(int64_t heads) {
   return counters.data_ptr<int>();
 }
 
+// The tensor-core kernel's switches, read per call (a probe can flip them): ENGRAM_KV_L2_PREFETCH=0
+// drops the L2 prefetches, ENGRAM_KV_MERGE=fused has each head's last block merge the splits.
 mma_decode::Args mma_args(const DecodeArgs& a, int64_t heads) {
-  const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");  // read per call: a probe can flip it
-  return mma_decode::make_args(a, prefetch == nullptr || std::strcmp(prefetch, "0") != 0, split_counters(heads));
+  const char* prefetch = std::getenv("ENGRAM_KV_L2_PREFETCH");
+  const char* merge = std::getenv("ENGRAM_KV_MERGE");
+  const bool fused = merge != nullptr && std::strcmp(merge, "fused") == 0;
+  return mma_decode::make_args(a, prefetch == nullptr || std::strcmp(prefetch, "0") != 0,
+                               fused ? split_counters(heads) : nullptr);
 }
 
 void check_cuda(const Tensor& t, const char* name) {
@@ -390,12 +395,19 @@ Tensor plan_partials(DecodeArgs& a, const void* kernel, size_t shared_bytes, int
                      int64_t heads) {
   plan_splits(a, kernel, shared_bytes, heads);
   // one allocation for the three partial arrays (a decode step pays per allocation, per layer)
-  const int64_t stats = heads * a.n_splits * block_parts * a.rows;
-  Tensor parts = at::empty({stats * (a.d + 2)}, query.options().dtype(at::kFloat));
+  const int64_t stats = heads * a.n_splits * block_parts * a.rows, padded = (stats + 3) / 4 * 4;
+  Tensor parts = at::empty({padded * 2 + stats * a.d}, query.options().dtype(at::kFloat));
   a.part_m = parts.data_ptr<float>();
-  a.part_l = a.part_m + stats;
-  a.part_acc = a.part_l + stats;
+  a.part_l = a.part_m + padded;
+  a.part_acc = a.part_l + padded;  // 16-byte aligned: the fused merge reads it as float4
   return parts;
+}
+
+template <typename T>
+void launch_merge(const DecodeArgs& a, Tensor& out, int n_parts, int64_t heads, cudaStream_t stream) {
+  merge_kernel<T><<<dim3(heads, a.rows), kMergeGroups * a.d, 0, stream>>>(
+      a.part_m, a.part_l, a.part_acc, out.data_ptr<T>(), n_parts, a.rows, a.d);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // The CUDA-core kernel (one partial per warp) and the merge kernel.
@@ -409,13 +421,12 @@ Tensor run_decode(Kernel kernel, DecodeArgs a, const Tensor& query, const Tensor
   kernel<<<dim3(heads, a.n_splits), kWarps * kWarp, 0, stream>>>(query.data_ptr<T>(), rk.data_ptr<T>(),
                                                                   rv.data_ptr<T>(), a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  merge_kernel<T><<<dim3(heads, a.rows), kMergeGroups * a.d, 0, stream>>>(a.part_m, a.part_l, a.part_acc,
-                                                                          out.data_ptr<T>(), n_parts, a.rows, a.d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_merge<T>(a, out, n_parts, heads, stream);
   return out;
 }
 
-// The tensor-core kernel (one partial per block), whose last block per head merges.
+// The tensor-core kernel (one partial per block) and the merge kernel, or with ENGRAM_KV_MERGE=fused
+// the kernel alone (its last block per head merges).
 template <typename T>
 Tensor run_mma_decode(int64_t bits, const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
                       int64_t heads) {
@@ -424,9 +435,11 @@ Tensor run_mma_decode(int64_t bits, const DecodeArgs& a, const Tensor& query, co
   mma_decode::Args m = mma_args(a, heads);
   const Tensor parts = plan_partials(m, reinterpret_cast<const void*>(kernel), shared, 1, query, heads);
   auto out = at::empty_like(query);
-  kernel<<<dim3(heads, m.n_splits), kWarps * kWarp, shared, c10::cuda::getCurrentCUDAStream()>>>(
-      query.data_ptr<T>(), rk.data_ptr<T>(), rv.data_ptr<T>(), out.data_ptr<T>(), m);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  kernel<<<dim3(heads, m.n_splits), kWarps * kWarp, shared, stream>>>(query.data_ptr<T>(), rk.data_ptr<T>(),
+                                                                      rv.data_ptr<T>(), out.data_ptr<T>(), m);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (m.done == nullptr) launch_merge<T>(m, out, m.n_splits, heads, stream);
   return out;
 }
 

@@ -101,7 +101,7 @@ __device__ __forceinline__ void load_words(uint32_t (&w)[WORDS], const uint8_t* 
 // The shared decode arguments (kvcache.cu's kernels take the same).
 struct Args : DecodeArgs {
   bool l2_prefetch;  // ENGRAM_KV_L2_PREFETCH=0 turns the prefetch instructions off (to time them)
-  int* done;         // per head: splits finished; 0 before the kernel, and the kernel leaves it 0
+  int* done;         // per head: splits finished, 0 before and after; null: the merge kernel merges
 };
 
 constexpr int kWarps = 4;
@@ -454,31 +454,41 @@ struct Warp {
 constexpr int kMinBlocks = 3;
 
 // The head's output from its splits' partials (max, sum, unnormalized output), by the block that
-// finished last: __ldcg reads them from L2, where the other blocks' writes are.
+// finished last (ENGRAM_KV_MERGE=fused); __ldcg reads the other blocks' partials from L2. A warp
+// reduces a row's maxima and sums over the splits with its lanes; then a thread owns 4 channels of a
+// row and walks the splits with no branch, so that the unrolled loads are in flight together.
 template <typename T, int D>
 __device__ void merge_splits(const Args& a, int64_t head, T* __restrict__ out) {
   __shared__ float m_max[kMaxRows], total[kMaxRows];
   const int64_t first = head * a.n_splits;
-  if (threadIdx.x < a.rows) {
-    const int r = threadIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int r = warp; r < a.rows; r += kWarps) {
     float m = -INFINITY, l = 0.f;
-    for (int s = 0; s < a.n_splits; ++s) m = fmaxf(m, __ldcg(a.part_m + (first + s) * a.rows + r));
-    for (int s = 0; s < a.n_splits; ++s) {
+    for (int s = lane; s < a.n_splits; s += kWarp) m = fmaxf(m, __ldcg(a.part_m + (first + s) * a.rows + r));
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, offset));
+    for (int s = lane; s < a.n_splits; s += kWarp) {
       const float ms = __ldcg(a.part_m + (first + s) * a.rows + r);
-      if (ms != -INFINITY) l += __expf(ms - m) * __ldcg(a.part_l + (first + s) * a.rows + r);
+      l += (ms == -INFINITY ? 0.f : __expf(ms - m)) * __ldcg(a.part_l + (first + s) * a.rows + r);
     }
-    m_max[r] = m, total[r] = l;
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) l += __shfl_xor_sync(kFullMask, l, offset);
+    if (lane == 0) m_max[r] = m, total[r] = l;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < a.rows * D; i += blockDim.x) {
-    const int r = i / D;
-    float acc = 0.f;
-#pragma unroll 4
+  for (int i = threadIdx.x; i < a.rows * D / 4; i += kWarps * kWarp) {
+    const int r = 4 * i / D;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 8
     for (int s = 0; s < a.n_splits; ++s) {
-      const float ms = __ldcg(a.part_m + (first + s) * a.rows + r);
-      if (ms != -INFINITY) acc += __expf(ms - m_max[r]) * __ldcg(a.part_acc + ((first + s) * a.rows) * D + i);
+      const int64_t part = (first + s) * a.rows + r;
+      const float ms = __ldcg(a.part_m + part);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.part_acc + part * D) + i % (D / 4));
+      const float w = ms == -INFINITY ? 0.f : __expf(ms - m_max[r]);  // a split that saw nothing: 0
+      acc[0] += w * v.x, acc[1] += w * v.y, acc[2] += w * v.z, acc[3] += w * v.w;
     }
-    out[head * a.rows * D + i] = static_cast<T>(acc / total[r]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[head * a.rows * D + 4 * i + e] = static_cast<T>(acc[e] / total[r]);
   }
   if (threadIdx.x == 0) a.done[head] = 0;  // ready for the next call
 }
@@ -565,6 +575,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     a.part_acc[part * a.rows * D + i] = acc;
     if (i % D == 0) a.part_m[part * a.rows + row] = m_max, a.part_l[part * a.rows + row] = l_sum;
   }
+  if (a.done == nullptr) return;  // kvcache.cu's merge kernel adds the partials up
   // The head's last block to finish merges its splits (no second kernel launch per decode step).
   __shared__ bool merges;
   __threadfence();  // this block's partials are visible to every block before it counts itself done
