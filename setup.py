@@ -11,7 +11,9 @@ back to the pure-PyTorch reference with a one-line notice.
 ENGRAM_NO_EXTENSIONS=1 skips all; ENGRAM_FAMILIES=memory,lora builds only those families (one process
 per family, each with its own --build-temp, builds them side by side: torch's ninja build file is
 per build directory, so `build_ext -j` over several extensions races); ENGRAM_CPU_ARCH sets -march (default: native, the machine that
-builds is the machine that runs an install from source).
+builds is the machine that runs an install from source). ENGRAM_KV_ABLATION=1 builds only
+engram_kernels._C_kvcache_ablation, timing-only KV decode kernels with parts of their work left out
+(csrc/cuda/kvcache_ablation.cu, for scripts/kv_decode_probe.py --ablation; never part of an install).
 """
 import glob
 import os
@@ -32,10 +34,10 @@ def cpu_extension(cpp, family):
     )
 
 
-def cuda_extension(cpp, family):
+def cuda_extension(cpp, name, sources):
     return cpp.CUDAExtension(
-        f"engram_kernels._C_{family}_cuda",
-        [f"csrc/cuda/{family}_bindings.cpp", f"csrc/cuda/{family}.cu"],
+        f"engram_kernels.{name}",
+        sources,
         depends=sorted(glob.glob("csrc/cuda/*.cuh")),  # a header edit rebuilds the extension
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
@@ -63,13 +65,17 @@ def extensions():
         print("engram_kernels: torch not importable at build time; installing without compiled backends")
         return [], {}
     with_cuda = bool(torch.version.cuda and (cpp.CUDA_HOME or shutil.which("nvcc")))
+    if os.environ.get("ENGRAM_KV_ABLATION") == "1":
+        exts = [cuda_extension(cpp, "_C_kvcache_ablation", ["csrc/cuda/kvcache_ablation.cu"])] if with_cuda else []
+        return exts, {"build_ext": build_command(cpp)}
     exts = []
     wanted = os.environ.get("ENGRAM_FAMILIES")
     for family in (wanted.split(",") if wanted else FAMILIES):
         if os.path.exists(f"csrc/cpu/{family}.cpp"):
             exts.append(cpu_extension(cpp, family))
         if with_cuda and os.path.exists(f"csrc/cuda/{family}.cu"):
-            exts.append(cuda_extension(cpp, family))
+            exts.append(cuda_extension(cpp, f"_C_{family}_cuda",
+                                       [f"csrc/cuda/{family}_bindings.cpp", f"csrc/cuda/{family}.cu"]))
     return exts, {"build_ext": build_command(cpp)}
 
 

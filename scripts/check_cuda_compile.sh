@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile and link every CUDA extension (csrc/cuda/<family>.cu + <family>_bindings.cpp ->
-# _C_<family>_cuda) with nvcc against a CUDA build of
+# _C_<family>_cuda, and the timing-only csrc/cuda/kvcache_ablation.cu) with nvcc against a CUDA build of
 # torch kept in its own venv. Needs no GPU. Exits non-zero on any compile or link error; compiler
 # warnings are shown but do not fail the check.
 #
@@ -11,6 +11,7 @@
 #   TORCH_CUDA_ARCH_LIST  target GPUs                                       default "8.0;9.0"
 #   BUILD_DIR             ninja build directory (kept: reruns are incremental) default /tmp/engram_cuda_build
 #   MAX_JOBS              parallel compile jobs                             default 2
+#   SKIP_ABLATION=1       leave out kvcache_ablation.cu (timing-only kernels: ~4 min on 2 cores)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,19 +46,21 @@ from torch.utils import cpp_extension
 root, build_dir = os.environ["ROOT"], os.environ["BUILD_DIR"]
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), CUDA_HOME={cpp_extension.CUDA_HOME}, "
       f"arch list {os.environ['TORCH_CUDA_ARCH_LIST']}", flush=True)
-families = [f for f in ("memory", "lora", "kvcache") if os.path.exists(os.path.join(root, f"csrc/cuda/{f}.cu"))]
+cuda = os.path.join(root, "csrc/cuda")
+builds = {f"_C_{f}_cuda": [f"{f}_bindings.cpp", f"{f}.cu"] for f in ("memory", "lora", "kvcache")
+          if os.path.exists(os.path.join(cuda, f"{f}.cu"))}
+if os.environ.get("SKIP_ABLATION") != "1" and os.path.exists(os.path.join(cuda, "kvcache_ablation.cu")):
+    builds["_C_kvcache_ablation"] = ["kvcache_ablation.cu"]
 failed = []
-for family in families:
-    name = f"_C_{family}_cuda"
-    directory = os.path.join(build_dir, family)
+for name, sources in builds.items():
+    directory = os.path.join(build_dir, name.removeprefix("_C_").removesuffix("_cuda"))
     os.makedirs(directory, exist_ok=True)
     try:
         # load() compiles both objects, links the module and imports it (import needs no GPU): a
         # missing symbol fails here rather than on the GPU machine.
         module = cpp_extension.load(
             name=name,
-            sources=[os.path.join(root, f"csrc/cuda/{family}_bindings.cpp"),
-                     os.path.join(root, f"csrc/cuda/{family}.cu")],
+            sources=[os.path.join(cuda, source) for source in sources],
             build_directory=directory,
             extra_cflags=["-O3", "-Wall"],
             extra_cuda_cflags=["-O3", "-lineinfo", "-Xptxas=-warn-spills", "-Xcompiler=-Wall"],

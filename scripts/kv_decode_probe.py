@@ -3,12 +3,14 @@ compiled kernel's registers and spills; shows where the time of one decode call 
 runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton bit operations
 (ENGRAM_KV_PTX=0), each checked against the reference first; then the `cuda` backend (tensor cores).
 
-    python scripts/kv_decode_probe.py [--cuda-only] [--sweep] [CONTEXT ...]
+    python scripts/kv_decode_probe.py [--cuda-only] [--sweep] [--ablation] [CONTEXT ...]
                                         (default 32768 131072; Llama-8B heads, int4)
 
 --cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
 times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off
-and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k).
+and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k). --ablation times the
+timing-only builds of the tensor-core kernel with parts of its work left out (engram_kernels.
+_C_kvcache_ablation, which scripts/prebuild_gpu_extensions.sh builds) at 128k: where its time goes.
 """
 import contextlib
 import os
@@ -98,6 +100,22 @@ def sweep():
         torch.cuda.empty_cache()
 
 
+def ablation(context=131072):
+    """GPU time of each timing-only build of the tensor-core kernel (wrong results by design) against
+    the build that does all the work: what leaving each part out saves."""
+    try:
+        from engram_kernels import _C_kvcache_ablation as builds
+    except ImportError as exc:
+        print(f"  ablation: no timing-only kernels here ({exc}); scripts/prebuild_gpu_extensions.sh builds them")
+        return
+    query, _, _, packed, rk, rv = make_case(context)
+    full = None
+    for name, bits in builds.ABLATIONS.items():
+        ms = gpu_ms(lambda: builds.ablated_decode(bits, query, *packed.tensors(), rk, rv, packed.group_size))
+        full = full or ms
+        print(f"  ablation at {context // 1024}k, {name}: GPU time alone {ms:.4f} ms ({ms - full:+.4f} ms)")
+
+
 @contextlib.contextmanager
 def environment(**values):
     """Environment variables set for the block (the kernels' timing switches read them per call)."""
@@ -136,3 +154,5 @@ if __name__ == "__main__":
         probe(context, triton="--cuda-only" not in args)
     if "--sweep" in args:
         sweep()
+    if "--ablation" in args:
+        ablation()

@@ -39,11 +39,11 @@ SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_spl
 MULTIPLES_OF_16 = ("packed_len", "residual_len", "n_groups", "n_splits")
 # The CUDA kernels --cuda-object looks for (bf16): the tensor-core KV decode, int4, d 128, one value group
 # per token (key groups of 128 or more), in kvcache.cu's object; the fused LoRA dy products in lora.cu's.
+# mangled-name prefixes (kernel and template arguments; the parameter list may change)
 CUDA_KERNELS = {
-    "cuda tensor-core decode, int4 bf16 d 128, 4 warps":
-        "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi1EEEvPKT_S6_S6_NS0_4ArgsE",
-    "cuda fused LoRA dy products, bf16, 4 warps":
-        "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEEvPKT_S6_S6_PfS7_lli",
+    "cuda tensor-core decode, int4 bf16 d 128 group 64 (2 value groups), 4 warps":
+        "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi2EEE",
+    "cuda fused LoRA dy products, bf16, 4 warps": "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEE",
 }
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -82,8 +82,15 @@ def sass_stats(cubin):
 
 
 def object_stats(path, function=None):
-    """The same for a CUDA object or library (`function`: one mangled kernel name, else all of them), its
-    sm_90 code only (an extension built for several GPUs holds one copy per architecture)."""
+    """The same for a CUDA object or library (`function`: the kernel whose mangled name starts so, else
+    all of them), its sm_90 code only (an extension built for several GPUs holds one copy per architecture)."""
+    if function:
+        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", "-arch", "sm_90", path], capture_output=True,
+                               text=True).stdout
+        names = [n for n in re.findall(r"Function (\S+):", usage) if n.startswith(function)]
+        if not names:
+            return {}, 0, []
+        function = names[0]
     select = ["-arch", "sm_90", *(["-fun", function] if function else [])]
     usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", *select, path], capture_output=True, text=True).stdout
     sass = subprocess.run([TOOLS / "cuobjdump", "-sass", *select, path], capture_output=True, text=True).stdout

@@ -29,6 +29,7 @@ namespace {
 using at::Tensor;
 
 constexpr int kWarps = 4;  // per decode block
+constexpr int64_t kMaxDecodeRows = 16;  // query rows per KV head (the CUDA-core kernel's largest build)
 constexpr float kNegInf = -INFINITY;
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -425,12 +426,11 @@ Tensor run_decode(Kernel kernel, DecodeArgs a, const Tensor& query, const Tensor
   return out;
 }
 
-// The tensor-core kernel (one partial per block) and the merge kernel, or with ENGRAM_KV_MERGE=fused
+// A tensor-core kernel (one partial per block) and the merge kernel, or with ENGRAM_KV_MERGE=fused
 // the kernel alone (its last block per head merges).
-template <typename T>
-Tensor run_mma_decode(int64_t bits, const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
+template <typename T, typename Kernel>
+Tensor run_mma_decode(Kernel kernel, const DecodeArgs& a, const Tensor& query, const Tensor& rk, const Tensor& rv,
                       int64_t heads) {
-  const auto kernel = mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv);
   const size_t shared = mma_decode::shared_bytes(a.d);
   mma_decode::Args m = mma_args(a, heads);
   const Tensor parts = plan_partials(m, reinterpret_cast<const void*>(kernel), shared, 1, query, heads);
@@ -457,7 +457,8 @@ Tensor decode(const DecodeArgs& a, int64_t bits, bool tensor_cores, const Tensor
               const Tensor& rv, int64_t heads) {
   static_assert(mma_decode::kWarps == kWarps, "both decode kernels plan their splits for kWarps warps");
   if constexpr (!std::is_same_v<T, float>) {  // mma_decode::supported admits 16-bit queries only
-    if (tensor_cores) return run_mma_decode<T>(bits, a, query, rk, rv, heads);
+    if (tensor_cores)
+      return run_mma_decode<T>(mma_decode::kernel_for<T>(bits, a.d, a.d / a.gv), a, query, rk, rv, heads);
   }
   if (bits == 4)
     return a.d == 64 ? decode_cuda_cores<T, 4, 2>(a, query, rk, rv, heads)
@@ -466,9 +467,53 @@ Tensor decode(const DecodeArgs& a, int64_t bits, bool tensor_cores, const Tensor
                    : decode_cuda_cores<T, 2, 4>(a, query, rk, rv, heads);
 }
 
+// A decode call's kernel arguments from its (checked) tensors, its batch x KV heads, and whether the
+// tensor-core kernel takes it.
+struct DecodeCall {
+  DecodeArgs args;
+  int64_t heads;
+  bool tensor_cores;
+};
+
+DecodeCall decode_call(const Tensor& query, const Tensor& key_codes, const Tensor& key_scale, const Tensor& key_zero,
+                       const Tensor& value_codes, const Tensor& value_scale, const Tensor& value_zero,
+                       const Tensor& residual_keys, const Tensor& residual_values, int64_t bits, int64_t group,
+                       double scale) {
+  for (const Tensor* t : {&query, &key_codes, &key_scale, &key_zero, &value_codes, &value_scale, &value_zero,
+                          &residual_keys, &residual_values})
+    check_cuda(*t, "decode_attention inputs");
+  const int64_t d = query.size(3), hkv = key_codes.size(1);
+  const int64_t rows = query.size(1) / hkv * query.size(2), heads = query.size(0) * hkv;
+  TORCH_CHECK(d == 64 || d == 128, "the CUDA decode kernel takes head dims 64 and 128, got ", d);
+  TORCH_CHECK(rows <= kMaxDecodeRows, "the CUDA decode kernel takes up to 16 query rows per KV head");
+  TORCH_CHECK(residual_keys.scalar_type() == query.scalar_type(), "residual dtype must match the query");
+  DecodeArgs a;
+  a.key_codes = key_codes.data_ptr<uint8_t>();
+  a.value_codes = value_codes.data_ptr<uint8_t>();
+  a.key_scale = half_ptr(key_scale);
+  a.key_zero = half_ptr(key_zero);
+  a.value_scale = half_ptr(value_scale);
+  a.value_zero = half_ptr(value_zero);
+  a.packed_len = key_codes.size(2);
+  a.residual_len = residual_keys.size(2);
+  a.n_groups = (a.packed_len + group - 1) / group;
+  a.rows = static_cast<int>(rows);
+  a.q_len = static_cast<int>(query.size(2));
+  a.group = static_cast<int>(group);
+  a.gv = static_cast<int>(std::min<int64_t>(group, d));
+  a.d = static_cast<int>(d);
+  a.scale = static_cast<float>(scale);
+  const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
+                            aligned(query, 16) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
+                            aligned(key_scale, 16) && aligned(key_zero, 16) && aligned(residual_keys, 8);
+  return {a, heads, tensor_cores};
+}
+
 }  // namespace
 
-int64_t decode_max_rows() { return 16; }
+int64_t decode_max_rows() { return kMaxDecodeRows; }
+
+#ifndef ENGRAM_KV_ABLATION  // kvcache_ablation.cu includes this file for its host code, not these ops
 
 std::vector<Tensor> quantize_keys(const Tensor& keys, int64_t bits, int64_t group) {
   check_cuda(keys, "keys");
@@ -547,39 +592,15 @@ Tensor decode_attention(const Tensor& query, const Tensor& key_codes, const Tens
                         const Tensor& key_zero, const Tensor& value_codes, const Tensor& value_scale,
                         const Tensor& value_zero, const Tensor& residual_keys, const Tensor& residual_values,
                         int64_t bits, int64_t group, double scale) {
-  for (const Tensor* t : {&query, &key_codes, &key_scale, &key_zero, &value_codes, &value_scale, &value_zero,
-                          &residual_keys, &residual_values})
-    check_cuda(*t, "decode_attention inputs");
-  const int64_t d = query.size(3), hkv = key_codes.size(1);
-  const int64_t rows = query.size(1) / hkv * query.size(2), heads = query.size(0) * hkv;
-  TORCH_CHECK(d == 64 || d == 128, "the CUDA decode kernel takes head dims 64 and 128, got ", d);
-  TORCH_CHECK(rows <= decode_max_rows(), "the CUDA decode kernel takes up to 16 query rows per KV head");
-  TORCH_CHECK(residual_keys.scalar_type() == query.scalar_type(), "residual dtype must match the query");
   const c10::cuda::CUDAGuard guard(query.device());
-  DecodeArgs a;
-  a.key_codes = key_codes.data_ptr<uint8_t>();
-  a.value_codes = value_codes.data_ptr<uint8_t>();
-  a.key_scale = half_ptr(key_scale);
-  a.key_zero = half_ptr(key_zero);
-  a.value_scale = half_ptr(value_scale);
-  a.value_zero = half_ptr(value_zero);
-  a.packed_len = key_codes.size(2);
-  a.residual_len = residual_keys.size(2);
-  a.n_groups = (a.packed_len + group - 1) / group;
-  a.rows = static_cast<int>(rows);
-  a.q_len = static_cast<int>(query.size(2));
-  a.group = static_cast<int>(group);
-  a.gv = static_cast<int>(std::min<int64_t>(group, d));
-  a.d = static_cast<int>(d);
-  a.scale = static_cast<float>(scale);
-  const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
-                            aligned(query, 16) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
-                            aligned(key_scale, 16) && aligned(key_zero, 16) && aligned(residual_keys, 8);
+  const DecodeCall call = decode_call(query, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
+                                      residual_keys, residual_values, bits, group, scale);
   Tensor out;
   ENGRAM_DISPATCH_FLOATS(query.scalar_type(), "kv_decode_attention", [&] {
-    out = decode<scalar_t>(a, bits, tensor_cores, query, residual_keys, residual_values, heads);
+    out = decode<scalar_t>(call.args, bits, call.tensor_cores, query, residual_keys, residual_values, call.heads);
   });
   return out;
 }
+#endif  // ENGRAM_KV_ABLATION
 
 }  // namespace engram

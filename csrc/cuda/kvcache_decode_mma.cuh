@@ -107,6 +107,17 @@ struct Args : DecodeArgs {
 constexpr int kWarps = 4;
 constexpr int kMaxRows = 8;  // query rows per KV head: the n of an m16n8k16 tile
 
+// Parts of the work a timing-only build leaves out (csrc/cuda/kvcache_ablation.cu; its results are
+// wrong by design): what the kernel's time drops by without each part says where the time goes.
+enum Ablation : int {
+  kKeepAll = 0,
+  kOneKeyGroup = 1,  // set up the first key group only
+  kNoKeys = 2,       // no key codes and no S mma (scores 0)
+  kNoSoftmax = 4,    // the scores are the weights
+  kNoValues = 8,     // no value codes, value scales or P V mma
+  kNoLoads = 16,     // the first slab's codes and scales for every slab (no loads in the loop)
+};
+
 // Dynamic shared memory, all 16-bit: the block's query rows (kMaxRows x D), then per warp two key
 // groups' scale and zero rows (2 buffers x 2 x D).
 constexpr size_t shared_bytes(int64_t d) { return static_cast<size_t>(kMaxRows + kWarps * 4) * d * 2; }
@@ -342,17 +353,23 @@ struct Warp {
   }
 
   // One 16-token slab of the packed store starting at token `tok0`, from its loads.
+  template <int ABLATE = kKeepAll>
   __device__ __forceinline__ void packed_slab(const Loads& x, int64_t tok0, int valid, int64_t last) {
     float s[2][4] = {};
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < 2 && !(ABLATE & kNoKeys); ++nt)
 #pragma unroll
       for (int kk = 0; kk < KSTEPS; ++kk) {
         const uint32_t w = plane<BITS>(x.k[nt][kk % KWORDS], kk / KWORDS);
         mma_s(s[nt], kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362));
       }
-    softmax(s, tok0, valid, last);
+    if constexpr (!(ABLATE & kNoSoftmax)) softmax(s, tok0, valid, last);
+    if constexpr (ABLATE & kNoValues) o[0][0] += s[0][0] + s[1][0];  // the scores stay live
+    else values_slab(x, s);
+  }
 
+  // O^T += V^T P^T for one slab, from its value codes and scales and the softmax weights s (row g).
+  __device__ __forceinline__ void values_slab(const Loads& x, const float (&s)[2][4]) {
     uint32_t pb[VG][2];  // P^T times the value scales of each value group
 #pragma unroll
     for (int j = 0; j < VG; ++j) {
@@ -493,7 +510,7 @@ __device__ void merge_splits(const Args& a, int64_t head, T* __restrict__ out) {
   if (threadIdx.x == 0) a.done[head] = 0;  // ready for the next call
 }
 
-template <typename T, int BITS, int D, int VG>
+template <typename T, int BITS, int D, int VG, int ABLATE = kKeepAll>
 __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(const T* __restrict__ query,
                                                                 const T* __restrict__ residual_keys,
                                                                 const T* __restrict__ residual_values,
@@ -533,12 +550,12 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
 #pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
   for (int64_t sl = first; sl < end; ++sl) {
     const int64_t tok0 = t0 + 16 * sl;
-    if (sl + 1 < end) {
+    if (sl + 1 < end && !(ABLATE & kNoLoads)) {
       w.advance(at);
       w.load(next, at, valid(sl + 1));
       if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2));
     }
-    if (tok0 >= next_group) {
+    if (tok0 >= next_group && (!(ABLATE & kOneKeyGroup) || next_group == 0)) {
       const int64_t group = tok0 / a.group;
       next_group = (group + 1) * a.group;
       ptx::cp_async_wait<0>();  // this group's rows, staged when the previous one started
@@ -546,8 +563,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
       if (group + 1 < a.n_groups) stage(group + 1);
       w.template set_group<true>(buffer(group), buffer(group) + D);
     }
-    w.packed_slab(cur, tok0, valid(sl), last);
-    cur = next;
+    w.template packed_slab<ABLATE>(cur, tok0, valid(sl), last);
+    if constexpr (!(ABLATE & kNoLoads)) cur = next;
   }
   ptx::cp_async_wait<0>();  // a group staged past the warp's last slab
   if (split == a.n_splits - 1 && a.residual_len > 0) {
