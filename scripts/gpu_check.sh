@@ -137,7 +137,7 @@ if [ "${KV_PROBE_SECONDS:-90}" -gt 0 ]; then
   PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" timeout -k 5 "${KV_PROBE_SECONDS:-90}" python3 scripts/kv_decode_probe.py ${KV_PROBE_ARGS:-} \
     >"$OUT/kv-probe.log" 2>&1
   echo "probe rc=$?"
-  grep -E "^context|max \||call" "$OUT/kv-probe.log" | head -n 20
+  grep -E "^context|max \||call|sweep|ablation" "$OUT/kv-probe.log" | head -n 40
 fi
 
 if [ "${PROFILE_SECONDS:-60}" -gt 0 ]; then

@@ -37,12 +37,13 @@ SCALARS = {"packed_len": "i32", "residual_len": "i32", "n_groups": "i32", "n_spl
 # What Triton's launcher tells the compiler at a long context: torch's allocations are 16-byte
 # aligned and these integers are multiples of 16 (whole groups), so loads can be vectorized.
 MULTIPLES_OF_16 = ("packed_len", "residual_len", "n_groups", "n_splits")
-# The CUDA kernels --cuda-object looks for (bf16): the tensor-core KV decode, int4, d 128, one value group
-# per token (key groups of 128 or more), in kvcache.cu's object; the fused LoRA dy products in lora.cu's.
-# mangled-name prefixes (kernel and template arguments; the parameter list may change)
+# The CUDA kernels --cuda-object looks for (bf16), by the start of their mangled names (kernel and
+# template arguments; the parameters may change): the tensor-core KV decode for the benchmarks' shape
+# (int4, d 128, key group 64: two value groups per token; no ablation) in kvcache.cu's object, the
+# fused LoRA dy products in lora.cu's.
 CUDA_KERNELS = {
     "cuda tensor-core decode, int4 bf16 d 128 group 64 (2 value groups), 4 warps":
-        "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi2EEE",
+        "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi2ELi0EEE",
     "cuda fused LoRA dy products, bf16, 4 warps": "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEE",
 }
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -7,8 +7,9 @@
 // and keeps an online softmax per query row (all GQA heads x query tokens of the KV head). Every
 // warp writes its (max, sum, output) triple; a second kernel merges them. The last split of each
 // head takes the full-precision residual window. 16-bit queries of the common shapes take the
-// tensor-core kernel of kvcache_decode_mma.cuh instead (one partial per block, the same merge).
-// The number of splits follows the kernel's occupancy: one wave of resident blocks.
+// tensor-core kernel of kvcache_decode_mma.cuh instead (one partial per block, the same merge, or
+// with ENGRAM_KV_MERGE=fused its last block per head merges). The number of splits follows the
+// kernel's occupancy: one wave of resident blocks.
 #include "common.cuh"
 #include "kvcache_decode_mma.cuh"
 #include <cuda_fp16.h>

@@ -15,7 +15,8 @@
 // computed) before computing the current one, from pointers it advances instead of recomputing, and
 // asks L2 for the slab after that (prefetch: no registers). The query rows sit in shared memory, and a
 // key group's scale and zero rows are copied there (cp.async) when the group before it starts, so that
-// a group's setup does not wait on global memory.
+// a group's setup does not wait on global memory; the setup runs between the scores of the slab
+// before it and that slab's softmax and P V, so that its latency overlaps them.
 #pragma once
 
 #ifdef ENGRAM_HOST_WARPS  // compiled for a CPU by the emulator the tests run (csrc/emulation)
@@ -227,8 +228,8 @@ struct Warp {
     Op::mma(d, a, b0, b1);
   }
 
-  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e; e 2, 3 are the
-  // padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g may see; `pos0`:
+  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e, the key group's
+  // bias included; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g may see; `pos0`:
   // the slab's first position; `valid`: tokens of the slab that exist.
   __device__ __forceinline__ void softmax(float (&s)[2][4], int64_t pos0, int valid, int64_t last) {
     const int visible = static_cast<int>(min(static_cast<int64_t>(valid), max(last - pos0 + 1, int64_t{0})));
@@ -239,7 +240,7 @@ struct Warp {
       for (int e = 0; e < 2; ++e) {
         const int tok = 8 * nt + 2 * t + e;
         float& v = s[nt][e];
-        v = tok < visible ? v + bias : -INFINITY;
+        v = tok < visible ? v : -INFINITY;
         mx = fmaxf(mx, v);
       }
     mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
@@ -352,10 +353,12 @@ struct Warp {
     }
   }
 
-  // One 16-token slab of the packed store starting at token `tok0`, from its loads.
+  // The scores S^T of one 16-token slab of the packed store, from its loads: row g's start from the
+  // key group's bias (the padding row's from 0), so that the next group's setup may follow at once.
   template <int ABLATE = kKeepAll>
-  __device__ __forceinline__ void packed_slab(const Loads& x, int64_t tok0, int valid, int64_t last) {
-    float s[2][4] = {};
+  __device__ __forceinline__ void scores(const Loads& x, float (&s)[2][4]) const {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = bias, s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
     for (int nt = 0; nt < 2 && !(ABLATE & kNoKeys); ++nt)
 #pragma unroll
@@ -363,6 +366,12 @@ struct Warp {
         const uint32_t w = plane<BITS>(x.k[nt][kk % KWORDS], kk / KWORDS);
         mma_s(s[nt], kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362));
       }
+  }
+
+  // The rest of the slab starting at token `tok0`: softmax of its scores s, then O^T += V^T P^T.
+  template <int ABLATE = kKeepAll>
+  __device__ __forceinline__ void finish_slab(const Loads& x, float (&s)[2][4], int64_t tok0, int valid,
+                                              int64_t last) {
     if constexpr (!(ABLATE & kNoSoftmax)) softmax(s, tok0, valid, last);
     if constexpr (ABLATE & kNoValues) o[0][0] += s[0][0] + s[1][0];  // the scores stay live
     else values_slab(x, s);
@@ -547,6 +556,15 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   ptx::cp_async_wait<0>();
   __syncthreads();  // the query rows
   int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
+  const auto start_group = [&](int64_t tok) {  // the key group of token `tok`: its setup
+    const int64_t group = tok / a.group;
+    next_group = (group + 1) * a.group;
+    ptx::cp_async_wait<0>();  // this group's rows, staged when the previous one started
+    __syncwarp();             // ... by every lane; and every lane is done with the previous group's buffer
+    if (group + 1 < a.n_groups) stage(group + 1);
+    w.template set_group<true>(buffer(group), buffer(group) + D);
+  };
+  if (first < end) start_group(t0 + 16 * first);
 #pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
   for (int64_t sl = first; sl < end; ++sl) {
     const int64_t tok0 = t0 + 16 * sl;
@@ -555,15 +573,12 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
       w.load(next, at, valid(sl + 1));
       if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2));
     }
-    if (tok0 >= next_group && (!(ABLATE & kOneKeyGroup) || next_group == 0)) {
-      const int64_t group = tok0 / a.group;
-      next_group = (group + 1) * a.group;
-      ptx::cp_async_wait<0>();  // this group's rows, staged when the previous one started
-      __syncwarp();             // ... by every lane; and every lane is done with the previous group's buffer
-      if (group + 1 < a.n_groups) stage(group + 1);
-      w.template set_group<true>(buffer(group), buffer(group) + D);
-    }
-    w.template packed_slab<ABLATE>(cur, tok0, valid(sl), last);
+    float s[2][4];
+    w.template scores<ABLATE>(cur, s);
+    // The next slab's key group is set up between this slab's scores and the rest of its work, which
+    // does not depend on it: the setup's latency overlaps this slab's softmax and P V.
+    if (sl + 1 < end && tok0 + 16 >= next_group && !(ABLATE & kOneKeyGroup)) start_group(tok0 + 16);
+    w.template finish_slab<ABLATE>(cur, s, tok0, valid(sl), last);
     if constexpr (!(ABLATE & kNoLoads)) cur = next;
   }
   ptx::cp_async_wait<0>();  // a group staged past the warp's last slab
