@@ -228,9 +228,9 @@ struct Warp {
     Op::mma(d, a, b0, b1);
   }
 
-  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e, the key group's
-  // bias included; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g may see; `pos0`:
-  // the slab's first position; `valid`: tokens of the slab that exist.
+  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e, with the key group's
+  // bias; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g
+  // may see; `pos0`: the slab's first position; `valid`: tokens of the slab that exist.
   __device__ __forceinline__ void softmax(float (&s)[2][4], int64_t pos0, int valid, int64_t last) {
     const int visible = static_cast<int>(min(static_cast<int64_t>(valid), max(last - pos0 + 1, int64_t{0})));
     float mx = -INFINITY;
@@ -475,8 +475,8 @@ struct Warp {
   }
 };
 
-// Three blocks per SM (168 registers; a few bytes spill): 4 would need 128 registers and spill the
-// loop's prefetched slab.
+// Three blocks per SM (168 registers, no spills): 4 would need 128 registers and spill the loop's
+// prefetched slab.
 constexpr int kMinBlocks = 3;
 
 // The head's output from its splits' partials (max, sum, unnormalized output), by the block that
