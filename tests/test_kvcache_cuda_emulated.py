@@ -1,7 +1,8 @@
 """The CUDA tensor-core decode kernel (csrc/cuda/kvcache_decode_mma.cuh) run on this CPU by the host
-warp emulator (csrc/emulation) against the reference: its fragment layouts, bit tricks, splits and
-residual window, plus its reads (every address inside an input) and its warp operations (reached by
-every lane). Needs only g++; a GPU run tests the same source compiled by nvcc."""
+warp emulator (csrc/emulation) against the reference: its fragment layouts, bit tricks, splits,
+residual window and key-group staging, and the merge of the splits by each head's last block (what
+ENGRAM_KV_MERGE=fused runs on a GPU), plus its reads (every address inside an input) and its warp
+operations (reached by every lane). Needs only g++; a GPU run tests the same source compiled by nvcc."""
 import os
 
 import pytest
