@@ -107,6 +107,11 @@ void for_row_blocks(int64_t rows, Body body) {
   });
 }
 
+// Rows per chunk that a thread takes through all of a pass's GEMMs in turn: their outputs (128 x
+// 1536 floats at SmolLM2's MLP, 0.8 MB) are still cached when the branch adds into them, where a whole
+// block's would be read back from memory.
+constexpr int64_t kCacheRows = 128;
+
 Tensor base_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias) {
   return bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
 }
@@ -133,14 +138,19 @@ Tensor sum_parts(const Tensor& parts, double scale) {
 std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                         const Tensor& lora_a, const Tensor& lora_b, double scale, double p,
                                         int64_t seed) {
-  Tensor y = base_forward(x, weight, bias);
+  Tensor y = at::empty({x.size(0), weight.size(0)}, x.options());
   Tensor u = at::empty({x.size(0), lora_a.size(0)}, x.options());  // (N, r): all the branch keeps
   // A contiguous (in, r) Aᵀ: MKL runs x Aᵀ ~2x faster from it than from A's transposed view.
-  const Tensor a_t = lora_a.t().contiguous(), b_t = lora_b.t();
+  const Tensor a_t = lora_a.t().contiguous(), b_t = lora_b.t(), w_t = weight.t();
   for_row_blocks(x.size(0), [&](int64_t first, int64_t rows, int64_t) {
-    Tensor us = u.narrow(0, first, rows);
-    at::mm_out(us, dropped(x.narrow(0, first, rows), p, seed, first), a_t);
-    y.narrow(0, first, rows).addmm_(us, b_t, 1.0, scale);  // the branch lands in y: no (N, out) temporary
+    for (int64_t c = first; c < first + rows; c += kCacheRows) {
+      const int64_t n = std::min(kCacheRows, first + rows - c);
+      Tensor ys = y.narrow(0, c, n), us = u.narrow(0, c, n), xs = x.narrow(0, c, n);
+      if (bias.has_value()) at::addmm_out(ys, *bias, xs, w_t);
+      else at::mm_out(ys, xs, w_t);
+      at::mm_out(us, dropped(xs, p, seed, c), a_t);
+      ys.addmm_(us, b_t, 1.0, scale);  // the branch lands in y: no (N, out) temporary
+    }
   });
   return {y, u};
 }
@@ -148,26 +158,30 @@ std::tuple<Tensor, Tensor> lora_forward(const Tensor& x, const Tensor& weight, c
 std::tuple<Tensor, Tensor, Tensor> lora_backward(const Tensor& grad_y, const Tensor& x, const Tensor& weight,
                                                  const Tensor& lora_a, const Tensor& lora_b, const Tensor& u,
                                                  double scale, double p, int64_t seed) {
-  Tensor dx = at::mm(grad_y, weight);
-  // Per block of rows: g = s dy B (N, r), dx += drop'(g A), and this thread's partial dA = gᵀ drop(x)
-  // and dBᵀ = uᵀ dy, summed after. Operands in the layouts MKL runs fastest here (B and Aᵀ
-  // column-major, dB as (uᵀ dy)ᵀ).
+  Tensor dx = at::empty({grad_y.size(0), weight.size(1)}, grad_y.options());
+  // Per chunk of rows (cached from one GEMM to the next): dx = dy W, g = s dy B (N, r),
+  // dx += drop'(g A), and this thread's partial dA += gᵀ drop(x) and dBᵀ += uᵀ dy, summed after.
+  // Operands in the layouts MKL runs fastest here (B and Aᵀ column-major, dB as (uᵀ dy)ᵀ).
   const int64_t blocks = row_blocks(x.size(0)).count;
-  // Zeroed: with no rows at all, no block writes its part.
+  // Zeroed: the chunks add into them, and with no rows at all no block writes its part.
   Tensor da_parts = at::zeros({blocks, lora_a.size(0), lora_a.size(1)}, lora_a.options());
   Tensor dbt_parts = at::zeros({blocks, lora_b.size(1), lora_b.size(0)}, lora_b.options());
   const Tensor b_cols = lora_b.t().contiguous().t(), a_cols = lora_a.t().contiguous().t();
   for_row_blocks(x.size(0), [&](int64_t first, int64_t rows, int64_t t) {
-    Tensor dy = grad_y.narrow(0, first, rows), dxs = dx.narrow(0, first, rows);
-    Tensor g = at::mm(dy, b_cols).mul_(scale);
-    if (p == 0.0) {
-      dxs.addmm_(g, a_cols);
-    } else {
-      dropout_into(at::mm(g, a_cols), dxs, p, seed, true, first);
-    }
     Tensor da_t = da_parts[t], dbt_t = dbt_parts[t];
-    at::mm_out(da_t, g.t(), dropped(x.narrow(0, first, rows), p, seed, first));
-    at::mm_out(dbt_t, u.narrow(0, first, rows).t(), dy);
+    for (int64_t c = first; c < first + rows; c += kCacheRows) {
+      const int64_t n = std::min(kCacheRows, first + rows - c);
+      Tensor dy = grad_y.narrow(0, c, n), dxs = dx.narrow(0, c, n);
+      at::mm_out(dxs, dy, weight);
+      Tensor g = at::mm(dy, b_cols).mul_(scale);
+      if (p == 0.0) {
+        dxs.addmm_(g, a_cols);
+      } else {
+        dropout_into(at::mm(g, a_cols), dxs, p, seed, true, c);
+      }
+      da_t.addmm_(g.t(), dropped(x.narrow(0, c, n), p, seed, c));
+      dbt_t.addmm_(u.narrow(0, c, n).t(), dy);
+    }
   });
   Tensor da = sum_parts(da_parts, 1.0);
   Tensor db = sum_parts(dbt_parts, scale).t().contiguous();
