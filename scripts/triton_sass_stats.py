@@ -96,13 +96,15 @@ def object_stats(path, function=None):
     usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", *select, path], capture_output=True, text=True).stdout
     sass = subprocess.run([TOOLS / "cuobjdump", "-sass", *select, path], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    code = [(int(m[1], 16), m[2], m[3]) for m in
-            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", sass)]
+    code = [(int(m[1], 16), m[2], m[3], m[4]) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", sass)]
     loops = []
-    for address, op, operands in code:
-        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") else None
+    for address, predicate, op, operands in code:
+        # A loop ends in a conditional branch back; an unconditional one is a block placed out of line
+        # (a rarely taken path) jumping back into the code it left, and would count that code twice.
+        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
         if target and int(target[1], 16) < address:
-            body = collections.Counter(o.split(".")[0] for a, o, _ in code if int(target[1], 16) <= a <= address)
+            body = collections.Counter(o.split(".")[0] for a, _, o, _ in code if int(target[1], 16) <= a <= address)
             loops.append(body)
     return resources, len(code), loops
 
