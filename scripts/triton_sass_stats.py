@@ -1,6 +1,6 @@
 """Compiles the Triton KV decode kernel for an H100 (sm_90) on a machine without a GPU and prints what
 the compiler made of it: registers, stack (spills), shared memory, and the instruction mix of each
-loop (backward branch) in the SASS. A static proxy for GPU time, for sessions without a device:
+loop (conditional backward branch) in the SASS. A static proxy for GPU time, for sessions without a device:
 fewer instructions per tile and no spills is what to aim for; only a GPU run says what it buys.
 It compiles with the specialization Triton's launcher gives a long-context call (aligned pointers,
 lengths that are multiples of 16): for 60e877d's kernel it gives the registers and shared memory the
