@@ -506,7 +506,8 @@ DecodeCall decode_call(const Tensor& query, const Tensor& key_codes, const Tenso
   a.scale = static_cast<float>(scale);
   const bool tensor_cores = mma_decode::supported(query.scalar_type(), d, bits, group, rows) &&
                             aligned(query, 16) && aligned(key_codes, 16) && aligned(value_codes, 8) &&
-                            aligned(key_scale, 16) && aligned(key_zero, 16) && aligned(residual_keys, 8);
+                            aligned(key_scale, 16) && aligned(key_zero, 16) && aligned(value_scale, 8) &&
+                            aligned(value_zero, 8) && aligned(residual_keys, 8);
   return {a, heads, tensor_cores};
 }
 

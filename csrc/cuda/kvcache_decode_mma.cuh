@@ -137,6 +137,7 @@ struct Warp {
   static constexpr int VBYTES = P / 8;     // bytes per lane per token for O^T = V^T P^T
   static constexpr int VWORDS = VBYTES / 4;
   static constexpr int MTILES = D / 16;    // O^T row tiles: (plane, byte pair of the lane's VBYTES)
+  static constexpr int SW = VG >= 2 ? VG / 2 : 1;  // 32-bit words of one token's value scales
   using Op = Operand<T>;
 
   int g, t;
@@ -292,10 +293,22 @@ struct Warp {
   struct Loads {
     uint32_t k[2][KWORDS];  // key codes of tokens g, g + 8: the lane's P/4 bytes
     uint32_t v[4][VWORDS];  // value codes of tokens 2t, 2t + 1, 2t + 8, 2t + 9: the lane's VBYTES bytes
-    // fp16 bits of those tokens' value scale and zero per value group (0 for absent tokens),
-    // untouched until the slab is computed so that the loads stay in flight
-    unsigned short scale[VG][4], zero[VG][4];
+    // fp16 bits of those tokens' value scale and zero per value group, two groups to a word (0 for
+    // absent tokens), untouched until the slab is computed so that the loads stay in flight. Whole
+    // words, one load per token: ptxas packed 16-bit ones in pairs right after their loads (to free
+    // registers), so every slab waited for the prefetch of the next one.
+    uint32_t scale[4][SW], zero[4][SW];
   };
+
+  // One token's VG value scales (or zeros) as SW words, or zeros.
+  __device__ __forceinline__ static void load_halves(uint32_t (&w)[SW], const __half* p, bool valid) {
+    if constexpr (VG == 1) w[0] = valid ? __ldg(reinterpret_cast<const unsigned short*>(p)) : 0u;
+    else load_words(w, reinterpret_cast<const uint8_t*>(p), valid);
+  }
+  // Value group j's fp16 of a token's words, as a float.
+  __device__ __forceinline__ static float half_of(const uint32_t (&w)[SW], int j) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w[j / 2] >> (16 * (j % 2)))));
+  }
 
   __device__ __forceinline__ static int slot_token(int t, int k) { return 2 * t + (k & 1) + 8 * (k >> 1); }
 
@@ -339,17 +352,12 @@ struct Warp {
   __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid) const {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, 8 * nt + g < valid);
-    const auto* scales = reinterpret_cast<const unsigned short*>(c.value_scale);
-    const auto* zeros = reinterpret_cast<const unsigned short*>(c.value_zero);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int tok = slot_token(t, k), from_2t = (k & 1) + 8 * (k >> 1);
       load_words(x.v[k], c.value + from_2t * P, tok < valid);
-#pragma unroll
-      for (int j = 0; j < VG; ++j) {
-        x.scale[j][k] = tok < valid ? __ldg(scales + from_2t * VG + j) : 0;
-        x.zero[j][k] = tok < valid ? __ldg(zeros + from_2t * VG + j) : 0;
-      }
+      load_halves(x.scale[k], c.value_scale + from_2t * VG, tok < valid);
+      load_halves(x.zero[k], c.value_zero + from_2t * VG, tok < valid);
     }
   }
 
@@ -385,8 +393,8 @@ struct Warp {
       float f[4], add[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        f[k] = __half2float(__ushort_as_half(x.scale[j][k]));
-        add[k] = __half2float(__ushort_as_half(x.zero[j][k]));
+        f[k] = half_of(x.scale[k], j);
+        add[k] = half_of(x.zero[k], j);
       }
       zsum[j] += p_fragment(pb[j], s, f, add, true);
     }
