@@ -46,6 +46,7 @@ CUDA_KERNELS = {
         "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi2ELi0EEE",
     "cuda fused LoRA dy products, bf16, 4 warps": "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEE",
 }
+EARLY_READ = 200  # instructions: a load read sooner than this is waited for in the same iteration
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -104,14 +105,39 @@ def object_stats(path, function=None):
         # (a rarely taken path) jumping back into the code it left, and would count that code twice.
         target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
         if target and int(target[1], 16) < address:
-            body = collections.Counter(o.split(".")[0] for a, _, o, _ in code if int(target[1], 16) <= a <= address)
-            loops.append(body)
+            loops.append([c for c in code if int(target[1], 16) <= c[0] <= address])
     return resources, len(code), loops
 
 
+def _registers(operands):
+    return {int(r) for r in re.findall(r"\bR(\d+)", operands)}
+
+
+def early_reads(body, within=EARLY_READ):
+    """(global loads in a loop body, how many of them an instruction reads within `within` instructions
+    of the load): such a read waits out the load's memory latency there, in every iteration."""
+    loads = early = 0
+    for i, (_, _, op, operands) in enumerate(body):
+        if not op.startswith("LDG."):
+            continue
+        loads += 1
+        first = re.match(r"R(\d+)", operands)
+        width = 4 if ".128" in op else 2 if ".64" in op else 1
+        written = set(range(int(first[1]), int(first[1]) + width)) if first else set()
+        for _, _, later_op, later in body[i + 1:i + 1 + within]:
+            reads = later if later_op.startswith(("ST", "RED", "ATOM")) else later.partition(",")[2]
+            if written & _registers(reads):
+                early += 1
+                break
+    return loads, early
+
+
 def print_loops(loops, warps):
-    for body in sorted(loops, key=lambda b: -sum(b.values()))[:2]:
-        print(f"  loop of {sum(body.values())} instructions x {warps} warps: {dict(body.most_common(24))}")
+    for body in sorted(loops, key=len, reverse=True)[:2]:
+        mix = collections.Counter(op.split(".")[0] for _, _, op, _ in body)
+        loads, early = early_reads(body)
+        print(f"  loop of {len(body)} instructions x {warps} warps: {dict(mix.most_common(24))}")
+        print(f"    {loads} global loads, {early} of them read within {EARLY_READ} instructions (a stall per iteration)")
 
 
 def _load(path):
