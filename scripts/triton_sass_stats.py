@@ -125,9 +125,14 @@ def early_reads(body, within=EARLY_READ):
         width = 4 if ".128" in op else 2 if ".64" in op else 1
         written = set(range(int(first[1]), int(first[1]) + width)) if first else set()
         for _, _, later_op, later in body[i + 1:i + 1 + within]:
-            reads = later if later_op.startswith(("ST", "RED", "ATOM")) else later.partition(",")[2]
+            target, _, sources = later.partition(",")
+            reads = later if later_op.startswith(("ST", "RED", "ATOM")) else sources
             if written & _registers(reads):
                 early += 1
+                break
+            if not later_op.startswith(("ST", "RED", "ATOM")):
+                written -= _registers(target)  # overwritten before any read: later reads see another value
+            if not written:
                 break
     return loads, early
 
