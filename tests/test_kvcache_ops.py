@@ -196,6 +196,23 @@ def test_cuda_decode_merges_its_splits_either_way(kv_case, monkeypatch, merge, s
         torch.testing.assert_close(outs[0].cpu().float(), expected.float(), **tolerance(dtype))
 
 
+def test_decode_attention_of_a_batch_slice(kv_case):
+    """The second sequence of a batch: every tensor a contiguous view at an offset into its storage. With
+    63 packed tokens its value scales start 4 bytes past an 8-byte boundary, which the CUDA tensor-core
+    kernel (whole-word scale loads) declines for its CUDA-core one; each backend matches the reference."""
+    _, device = kv_case
+    shape = (2, 8, 1, 1, 128, 63, 5, 64)
+    for dtype in _decode_dtypes(kv_case):
+        query, packed, (rk, rv) = _decode_inputs(shape, 4, device, dtype)
+        second = [t[1:] for t in (query, *packed.tensors(), rk, rv)]
+        sliced = packed._replace(**dict(zip(packed._fields[:6], second[1:7])))
+        assert sliced.value_scale.storage_offset() * 2 % 8 == 4
+        out = decode_attention(second[0], sliced, second[7], second[8])
+        expected = naive.decode_attention(*(t.cpu() for t in second[:7]), second[7].cpu(), second[8].cpu(), 4,
+                                          packed.group_size, shape[4] ** -0.5)
+        torch.testing.assert_close(out.cpu().float(), expected.float(), **tolerance(dtype))
+
+
 def test_decode_attention_of_an_empty_batch_is_empty(kv_case):
     """No batch rows (or no heads) with a non-empty packed store: an empty result, no kernel launch
     (the backends size their splits per head)."""
