@@ -86,15 +86,15 @@ def sass_stats(cubin):
 def object_stats(path, function=None):
     """The same for a CUDA object or library (`function`: the kernel whose mangled name starts so, else
     all of them), its sm_90 code only (an extension built for several GPUs holds one copy per architecture)."""
+    usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", "-arch", "sm_90", path], capture_output=True,
+                           text=True).stdout
     if function:
-        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", "-arch", "sm_90", path], capture_output=True,
-                               text=True).stdout
-        names = [n for n in re.findall(r"Function (\S+):", usage) if n.startswith(function)]
+        kernels = dict(re.findall(r"Function (\S+):\s*\n(.*)", usage))  # name -> its resource line
+        names = [n for n in kernels if n.startswith(function)]
         if not names:
             return {}, 0, []
-        function = names[0]
+        function, usage = names[0], kernels[names[0]]
     select = ["-arch", "sm_90", *(["-fun", function] if function else [])]
-    usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", *select, path], capture_output=True, text=True).stdout
     sass = subprocess.run([TOOLS / "cuobjdump", "-sass", *select, path], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     code = [(int(m[1], 16), m[2], m[3], m[4]) for m in
@@ -127,12 +127,12 @@ def early_reads(body, within=EARLY_READ):
         width = 4 if ".128" in op else 2 if ".64" in op else 1
         written = set(range(int(first[1]), int(first[1]) + width)) if first else set()
         for _, _, later_op, later in body[i + 1:i + 1 + within]:
+            store = later_op.startswith(("ST", "RED", "ATOM"))  # no destination register: all operands read
             target, _, sources = later.partition(",")
-            reads = later if later_op.startswith(("ST", "RED", "ATOM")) else sources
-            if written & _registers(reads):
+            if written & _registers(later if store else sources):
                 early += 1
                 break
-            if not later_op.startswith(("ST", "RED", "ATOM")):
+            if not store:
                 written -= _registers(target)  # overwritten before any read: later reads see another value
             if not written:
                 break

@@ -204,12 +204,12 @@ def test_decode_attention_of_a_batch_slice(kv_case):
     shape = (2, 8, 1, 1, 128, 63, 5, 64)
     for dtype in _decode_dtypes(kv_case):
         query, packed, (rk, rv) = _decode_inputs(shape, 4, device, dtype)
-        second = [t[1:] for t in (query, *packed.tensors(), rk, rv)]
-        sliced = packed._replace(**dict(zip(packed._fields[:6], second[1:7])))
+        query, *cache, rk, rv = (t[1:] for t in (query, *packed.tensors(), rk, rv))
+        sliced = packed._replace(**dict(zip(packed._fields[:6], cache)))
         assert sliced.value_scale.storage_offset() * 2 % 8 == 4
-        out = decode_attention(second[0], sliced, second[7], second[8])
-        expected = naive.decode_attention(*(t.cpu() for t in second[:7]), second[7].cpu(), second[8].cpu(), 4,
-                                          packed.group_size, shape[4] ** -0.5)
+        out = decode_attention(query, sliced, rk, rv)
+        expected = naive.decode_attention(*(t.cpu() for t in (query, *cache, rk, rv)), 4, packed.group_size,
+                                          shape[4] ** -0.5)
         torch.testing.assert_close(out.cpu().float(), expected.float(), **tolerance(dtype))
 
 
