@@ -13,7 +13,9 @@ reference under torch.compile (GPU, single adapter).
 Configs: `smollm2` (576 -> 1536, r 16, 4096 tokens, fp32, CPU only) and `llama8b` (4096 -> 14336,
 r 16, 8192 tokens, bf16, GPU only); `multi8` / `multi64` put 8 / 64 adapters on the `smollm2` shapes
 on CPU and the `llama8b` shapes on GPU, one adapter per 32-token sequence drawn with Zipf weights
-(uneven), sequences in random order. To keep the GPU run near a minute, the many-adapter configs
+(uneven), sequences in random order. `llama8b_joined` keeps W and B in one buffer, as
+LoRALinear(join_weights=True) does, so the GPU backends' forward is one GEMM over [x | s·u]
+(`base`, `triton` and `cuda` only). To keep the GPU run near a minute, the many-adapter configs
 there skip the `bwd` pass (fwd_bwd minus fwd) and the `torch` reference (`loop` stands in).
 
     pytest benchmarks/test_lora_bench.py --benchmark-only -k "smollm2 or multi"          # CPU
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 import engram_kernels as ek
 from engram_kernels import backends
-from engram_kernels.ops.lora import naive
+from engram_kernels.ops.lora import composite, naive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +44,13 @@ class Config:
     n_adapters: int = 0      # 0: one plain adapter (lora_linear); n: lora_linear_multi
     devices: tuple = ("cpu", "cuda")
     seq_len: int = 32        # tokens per sequence (one adapter each) in the multi configs
+    joined: bool = False     # W and B as column blocks of one buffer (LoRALinear(join_weights=True))
 
 
 SMOLLM2 = Config(devices=("cpu",))
 LLAMA8B = Config(n_tokens=8192, d_in=4096, d_out=14336, devices=("cuda",))
-CONFIGS = {"smollm2": SMOLLM2, "llama8b": LLAMA8B, "multi8": Config(n_adapters=8), "multi64": Config(n_adapters=64)}
+CONFIGS = {"smollm2": SMOLLM2, "llama8b": LLAMA8B, "llama8b_joined": dataclasses.replace(LLAMA8B, joined=True),
+           "multi8": Config(n_adapters=8), "multi64": Config(n_adapters=64)}
 KERNEL_BACKENDS = ("torch", "cpu", "triton", "cuda")
 BACKENDS = ("base", "torch", "cpu", "triton", "cuda", "peft", "loop", "compiled")
 PASSES = ("fwd", "bwd", "fwd_bwd")
@@ -96,7 +100,12 @@ def make_inputs(c, device, dtype):
     x = randn(c.n_tokens, c.d_in).requires_grad_()
     weight = randn(c.d_out, c.d_in, std=c.d_in**-0.5)
     lora_a = randn(*stack, c.r, c.d_in, std=c.d_in**-0.5).requires_grad_()
-    lora_b = randn(*stack, c.d_out, c.r, std=0.01).requires_grad_()
+    lora_b = randn(*stack, c.d_out, c.r, std=0.01)
+    if c.joined:
+        wide = composite.padded_rows(c.d_out, c.d_in + c.r, weight)
+        wide.copy_(torch.cat([weight, lora_b], 1))
+        weight, lora_b = wide[:, :c.d_in], wide[:, c.d_in:]
+    lora_b.requires_grad_()
     inputs = Inputs(x, weight, lora_a, lora_b, randn(c.n_tokens, c.d_out))
     if c.n_adapters:
         inputs.adapter_ids = uneven_ids(c, device, gen)
@@ -123,6 +132,8 @@ def skip_unless_runnable(backend, name, device, pass_):
         pytest.skip(f"{name} runs on {' and '.join(c.devices)} only")
     if backend == "compiled" and (device.type != "cuda" or c.n_adapters):
         pytest.skip("torch.compile baseline: GPU, single adapter only")
+    if c.joined and backend not in ("base", "triton", "cuda"):
+        pytest.skip("the joined layout is timed for the GPU backends that use it")
     if backend == "loop" and not c.n_adapters:
         pytest.skip("the adapter loop is a many-adapter baseline")
     if backend == "triton" and device.type != "cuda":

@@ -3,8 +3,8 @@
 
     python scripts/gpu_profile.py [--lora] [--kv] [--calls N]     (default both, 5 calls each)
 
-On a GPU: LoRA at `llama8b` (bf16; base, triton, cuda, and cuda with ENGRAM_LORA_DY_GEMMS=1: its
-backward's two cuBLAS GEMMs over dy instead of the fused kernel), KV decode at 32k and 128k (int4; SDPA, cuda,
+On a GPU: LoRA at `llama8b` (bf16; base, triton, cuda, and both again at `llama8b_joined`: W and B
+in one buffer, the forward one GEMM over [x | s·u]), KV decode at 32k and 128k (int4; SDPA, cuda,
 triton), device time per kernel. Without one: LoRA at `smollm2` (fp32; base, cpu) and KV decode at 8k
 (torch SDPA, cpu), CPU time per op, so the script can be checked anywhere (there the compiled
 extensions' own calls are not profiled ops and do not show).
@@ -54,19 +54,16 @@ def report(title, fn, device, calls, top=8):
 
 def profile_lora(device, calls):
     import test_lora_bench as bench
-    from kv_decode_probe import environment
-    name = "llama8b" if device.type == "cuda" else "smollm2"
-    config, inputs = bench.resolved(name, device), bench.inputs_for(name, device)
-    variants = [("triton", {}), ("cuda", {}), ("cuda", {"ENGRAM_LORA_DY_GEMMS": "1"})] if device.type == "cuda" \
-        else [("cpu", {})]
-    for backend, env in [("base", {}), *variants]:
+    runs = [("llama8b", "base"), ("llama8b", "triton"), ("llama8b", "cuda"), ("llama8b_joined", "triton"),
+            ("llama8b_joined", "cuda")] if device.type == "cuda" else [("smollm2", "base"), ("smollm2", "cpu")]
+    for name, backend in runs:
         if backend != "base" and not backends.is_available(backend, device.type, "lora"):
             print(f"lora {name} {backend}: unavailable")
             continue
-        with bench.backend_scope(backend), environment(**env):
+        config, inputs = bench.resolved(name, device), bench.inputs_for(name, device)
+        with bench.backend_scope(backend):
             fwd, grads_of = bench.layer_ops(backend, config, inputs)
-            label = " ".join([backend, *(f"{k}={v}" for k, v in env.items())])
-            report(f"lora {name} fwd+bwd {label}", lambda: grads_of(fwd()), device, calls)
+            report(f"lora {name} fwd+bwd {backend}", lambda: grads_of(fwd()), device, calls)
 
 
 def profile_kv(device, calls):

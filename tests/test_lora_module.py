@@ -111,6 +111,39 @@ def test_merge_unmerge_is_exact_and_keeps_outputs():
     assert torch.equal(layer.weight.view(torch.int32), original.view(torch.int32))
 
 
+def test_joined_weights_train_save_and_merge_as_separate_ones(backend, tmp_path):
+    """join_weights keeps W and B in one buffer: the same outputs, gradients and optimizer steps as
+    separate tensors; a state dict of ordinary tensors; merge round trip; re-joined after .to()."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24)
+    plain, joined = LoRALinear(copy.deepcopy(base), r=4, alpha=8), LoRALinear(base, r=4, alpha=8, join_weights=True)
+    randomize_adapters(plain)
+    joined.load_state_dict(plain.state_dict())
+    optimizers = [torch.optim.AdamW([m.lora_A, m.lora_B], lr=1e-2) for m in (plain, joined)]
+    x = torch.randn(3, 5, 40)
+    for _ in range(3):
+        for layer, opt in zip((plain, joined), optimizers):
+            opt.zero_grad()
+            (layer(x) ** 2).sum().backward()
+            opt.step()
+        assert joined.joined() and not plain.joined()
+        torch.testing.assert_close(joined(x), plain(x), rtol=1e-5, atol=1e-5)
+    state = joined.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    save_file(dict(state), tmp_path / "joined.safetensors")
+    original = joined.weight.detach().clone()
+    expected = plain(x)
+    joined.merge()
+    torch.testing.assert_close(joined(x), expected, rtol=1e-5, atol=1e-5)
+    joined.unmerge()
+    assert torch.equal(joined.weight, original) and joined.joined()
+    joined.bfloat16()  # new tensors for each parameter: no longer one buffer
+    assert not joined.joined()
+    torch.testing.assert_close(joined(x.bfloat16()).float(), expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+    assert joined.joined()
+
+
 def test_multi_lora_linear_matches_one_lora_linear_per_adapter(backend):
     torch.manual_seed(0)
     base = nn.Linear(24, 20)

@@ -92,6 +92,58 @@ def test_lora_linear_keeps_leading_dims_and_frozen_weight(case):
     assert xl.grad.shape == (3, 4, 16) and weight.grad is None
 
 
+def _joined(weight, lora_b, pad=0):
+    """W and B as adjacent column blocks of one (out, in + r + pad) buffer, as LoRALinear(join_weights=True)."""
+    d_in = weight.shape[1]
+    wide = torch.cat([weight, lora_b, weight.new_zeros(weight.shape[0], pad)], 1)
+    return wide[:, :d_in], wide[:, d_in:d_in + lora_b.shape[1]]
+
+
+@pytest.mark.parametrize("shape, pad", [((7, 16, 24, 4), 0), ((33, 40, 17, 8), 3), ((1, 8, 8, 1), 7),
+                                        ((64, 576, 1536, 16), 0)], ids=str)
+def test_joined_weight_layout_matches_reference(case, shape, pad):
+    """W and B in one buffer (the one-GEMM forward on GPUs): same outputs and gradients, no copy of W."""
+    _skip_heavy(case, *shape)
+    for dtype in _dtypes(case):
+        x, weight, lora_a, lora_b, bias, grad = _single_inputs(shape, case[1], dtype)
+        w_view, b_view = _joined(weight, lora_b, pad)
+        assert composite.joined_weight(w_view, b_view) is not None
+        xl, al = _leaves(x, lora_a)
+        bl = b_view.requires_grad_()
+        y = lora_linear(xl, w_view, al, bl, 2.0, bias)
+        got = (y, *torch.autograd.grad(y, (xl, al, bl), grad))
+        for g, e in zip(got, _reference_grads(x, weight, lora_a, lora_b, bias, grad, 2.0)):
+            _assert_close(g, e, dtype, scale=max(1.0, shape[0] ** 0.5 / 4))
+
+
+@pytest.mark.parametrize("n, k, r", [(1, 8, 1), (37, 130, 5), (64, 256, 16)])
+def test_x_and_u_writes_x_and_the_scaled_branch(case, n, k, r):
+    """The joined forward's input [x | s·x Aᵀ] (rows padded) and u = x Aᵀ, from each GPU backend's kernel."""
+    import importlib
+    module = {"triton": "triton_kernels", "cuda": "cuda_ext"}.get(case[0])
+    x_and_u = (getattr(importlib.import_module(f"engram_kernels.ops.lora.{module}")._Kernels, "x_and_u") if module
+               else composite.torch_x_and_u)
+    for dtype in _dtypes(case):
+        x, _, lora_a, *_ = _single_inputs((n, k, 4, r), case[1], dtype)
+        xu = composite.padded_rows(n, k + r, x)
+        u = x_and_u(x, lora_a, 0.5, xu)
+        expected_u = (x.float() @ lora_a.float().t())
+        assert xu.stride(0) * xu.element_size() % 16 == 0 and torch.equal(xu[:, :k], x)
+        _assert_close(u, expected_u, dtype)
+        _assert_close(xu[:, k:], 0.5 * expected_u, dtype)
+
+
+def test_joined_weight_recognizes_only_adjacent_blocks():
+    weight, lora_b = torch.randn(6, 8), torch.randn(6, 2)
+    w_view, b_view = _joined(weight, lora_b)
+    assert composite.joined_weight(w_view, b_view).shape == (6, 10)
+    assert torch.equal(composite.joined_weight(w_view, b_view), torch.cat([weight, lora_b], 1))
+    wide = torch.cat([weight, torch.zeros(6, 1), lora_b], 1)  # a gap between W and B
+    assert composite.joined_weight(wide[:, :8], wide[:, 9:]) is None
+    assert composite.joined_weight(weight, lora_b) is None
+    assert composite.joined_weight(w_view, b_view.clone()) is None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n, c, r", [(1, 8, 1), (37, 70, 4), (300, 130, 16), (257, 64, 64), (600, 136, 16),
                                      (1030, 4104, 8)])
@@ -383,6 +435,9 @@ for dtype in ("bf16", "fp16", "fp32"):
         (tk._dy_products_kernel, dict(dy_ptr="*T", b_ptr="*T", u_ptr="*T", g_part_ptr="*fp32", db_part_ptr="*fp32",
                                       N="i32", C="i32", R="i32", BN="constexpr", TILES="constexpr", **blocks),
          dict(BM=256, BN=64, TILES=8, R_PAD=16, PRECISION=shape["PRECISION"])),
+        (tk._x_and_u_kernel, dict(x_ptr="*T", a_ptr="*T", xu_ptr="*T", u_ptr="*T", N="i32", K="i32", R="i32",
+                                  ld_xu="i32", scale="fp32", BK="constexpr", K_TILES="constexpr", **blocks),
+         dict(BM=32, BK=128, K_TILES=32, R_PAD=16, PRECISION=shape["PRECISION"])),
     ]
     for kernel, signature, constants in kernels:
         ordered = {name: signature[name].replace("T", dtype) for name in kernel.arg_names}

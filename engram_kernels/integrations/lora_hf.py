@@ -107,11 +107,12 @@ def _pattern_value(name, patterns, default):
 
 
 def apply_lora(model, target_modules=None, r=8, alpha=8, dropout=0.0, use_rslora=False, rank_pattern=None,
-               alpha_pattern=None):
+               alpha_pattern=None, join_weights=False):
     """Freeze `model` and wrap each target nn.Linear in a LoRALinear; returns the model.
 
     Defaults follow peft's LoraConfig (r=8, lora_alpha=8, no dropout) with target_modules=None
     meaning "all-linear": every linear layer of attention and MLP, not the output head.
+    `join_weights`: see LoRALinear (one GEMM per forward on GPUs; off until a GPU run has timed it).
     """
     names = target_names(model, target_modules)
     tied = _tied_names(model)
@@ -119,7 +120,7 @@ def apply_lora(model, target_modules=None, r=8, alpha=8, dropout=0.0, use_rslora
     for name in names:
         base = model.get_submodule(name)
         layer = LoRALinear(base, _pattern_value(name, rank_pattern, r), _pattern_value(name, alpha_pattern, alpha),
-                           dropout, use_rslora)
+                           dropout, use_rslora, join_weights=join_weights)
         shared = [n for n in tied.get(id(base.weight), []) if n != f"{name}.weight"]
         if shared:
             warnings.warn(f"apply_lora: {name}'s weight is tied to {', '.join(shared)}; its adapter works, but it "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear, lora_linear_multi, merge_lora, unmerge_lora
+from ..ops.lora.composite import joined_weight, padded_rows
 
 
 def lora_scale(r, alpha, use_rslora=False):
@@ -32,9 +33,15 @@ class LoRALinear(nn.Module):
     seed in the backward). `merge()` folds the adapter into the base weight (then forward is the
     plain linear); `unmerge()` restores the original weight bit for bit (to within rounding if the
     layer was cast to another dtype while merged). As in peft, `merged` is not part of the state dict.
+
+    `join_weights=True` keeps the frozen weight W and lora_B side by side in one (out, in + r) buffer
+    (the Parameters stay the same objects, as views), so the GPU forward is one GEMM over [x | s·u]
+    instead of a GEMM plus the branch's write and re-read of y. It joins at the first forward and again
+    after anything that separates them (.to(), load_state_dict of a new tensor); not with a weight tied
+    to another layer or an adapter dtype other than the weight's. The state dict holds contiguous copies.
     """
 
-    def __init__(self, base, r=8, alpha=8, dropout=0.0, use_rslora=False, adapter_dtype=None):
+    def __init__(self, base, r=8, alpha=8, dropout=0.0, use_rslora=False, adapter_dtype=None, join_weights=False):
         super().__init__()
         _check_base(base, r)
         if not 0.0 <= dropout < 1.0:
@@ -51,6 +58,8 @@ class LoRALinear(nn.Module):
         # which weight dtype its bit differences belong to
         self.register_buffer("_merge_residual", None, persistent=False)
         self._merged_dtype = None
+        self.join_weights = join_weights
+        self.register_state_dict_post_hook(_unshared_state)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -67,11 +76,26 @@ class LoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}, "
                 f"dropout={self.dropout}, merged={self.merged}")
 
+    def joined(self):
+        return joined_weight(self.weight, self.lora_B) is not None
+
+    @torch.no_grad()
+    def _join(self):
+        w, b = self.weight, self.lora_B
+        if self.tied_to or w.dtype != b.dtype or w.device != b.device or self.joined():
+            return
+        wide = padded_rows(self.out_features, self.in_features + self.r, w)
+        wide[:, :self.in_features].copy_(w)
+        wide[:, self.in_features:].copy_(b)
+        w.data, b.data = wide[:, :self.in_features], wide[:, self.in_features:]
+
     def forward(self, x):
         if self.disabled and self.merged:  # as peft: the base model's output needs the weight back
             self.unmerge()
         if self.merged or self.disabled:
             return self.base_layer(x)
+        if self.join_weights:
+            self._join()
         dtype = x.dtype
         return lora_linear(x, self.weight.to(dtype), self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling,
                            None if self.bias is None else self.bias.to(dtype),
@@ -96,6 +120,15 @@ class LoRALinear(nn.Module):
             unmerge_lora(self.weight.data, self.lora_A.data, self.lora_B.data, self.scaling, residual)
             self.merged, self._merge_residual, self._merged_dtype = False, None, None
         return self
+
+
+def _unshared_state(module, state_dict, prefix, local_metadata):
+    """Joined W and B as contiguous tensors: safetensors (and save_pretrained) refuse, or drop as tied,
+    tensors that share a buffer."""
+    if module.joined():
+        for key in (prefix + "base_layer.weight", prefix + "lora_B"):
+            if key in state_dict:
+                state_dict[key] = state_dict[key].contiguous()
 
 
 class MultiLoRALinear(nn.Module):

@@ -38,6 +38,7 @@ def dy_products(grad_y, lora_b, u):
 
 class _Kernels:
     dy_products = staticmethod(dy_products)
+    x_and_u = staticmethod(composite.torch_x_and_u)  # no kernel of its own yet: a GEMM and a copy
 
     @staticmethod
     def dropout(x, p, seed):

@@ -79,6 +79,12 @@ _lora_op.register_autograd(functools.partial(_lora_grad, backward=_lora_backward
 _LoRALinear = eager_function("_LoRALinear", _lora_forward, _lora_setup, _lora_grad, _lora_backward_impl)
 
 
+def _row_major(t):
+    """t itself if its rows are contiguous (the joined layout's W and B are column blocks of one
+    buffer, which composite.joined_weight recognizes), else a contiguous copy."""
+    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+
+
 def random_seed():
     """A dropout seed from torch's generator, so torch.manual_seed makes dropout reproducible."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -99,7 +105,7 @@ def lora_linear(x, weight, lora_a, lora_b, scale=1.0, bias=None, dropout=0.0, se
         seed = random_seed()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     op = _lora_op if traced() else _LoRALinear.apply
-    y, _ = op(x2, weight.contiguous(), bias, lora_a.contiguous(), lora_b.contiguous(), float(scale),
+    y, _ = op(x2, _row_major(weight), bias, lora_a.contiguous(), _row_major(lora_b), float(scale),
               float(dropout), int(seed or 0) % 2**32)  # the mask reads the seed's low 32 bits only
     return y.view(*x.shape[:-1], weight.shape[0])
 
