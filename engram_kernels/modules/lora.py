@@ -37,7 +37,7 @@ class LoRALinear(nn.Module):
     `join_weights=True` keeps the frozen weight W and lora_B side by side in one (out, in + r) buffer
     (the Parameters stay the same objects, as views), so the GPU forward is one GEMM over [x | s·u]
     instead of a GEMM plus the branch's write and re-read of y. It joins at the first forward and again
-    after anything that separates them (.to(), load_state_dict of a new tensor); not with a weight tied
+    after anything that separates them (.to(), load_state_dict(assign=True)); not with a weight tied
     to another layer or an adapter dtype other than the weight's, and not for parameters a wrapper such
     as FSDP re-creates every step (each forward would copy W again). The state dict holds contiguous copies.
     """
