@@ -40,11 +40,13 @@ MULTIPLES_OF_16 = ("packed_len", "residual_len", "n_groups", "n_splits")
 # The CUDA kernels --cuda-object looks for (bf16), by the start of their mangled names (kernel and
 # template arguments; the parameters may change): the tensor-core KV decode for the benchmarks' shape
 # (int4, d 128, key group 64: two value groups per token; no ablation) in kvcache.cu's object, the
-# fused LoRA dy products in lora.cu's.
+# fused LoRA dy products (and its copy mode, the joined-weight forward's x Aᵀ) in lora.cu's.
 CUDA_KERNELS = {
     "cuda tensor-core decode, int4 bf16 d 128 group 64 (2 value groups), 4 warps":
         "_ZN6engram10mma_decode13decode_kernelIN3c108BFloat16ELi4ELi128ELi2ELi0EEE",
-    "cuda fused LoRA dy products, bf16, 4 warps": "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16EEE",
+    "cuda fused LoRA dy products, bf16, 4 warps": "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16ELb0EEE",
+    "cuda fused LoRA x products + copy of x, bf16, 4 warps":
+        "_ZN6engram11dy_products18dy_products_kernelIN3c108BFloat16ELb1EEE",
 }
 EARLY_READ = 200  # instructions: a load read sooner than this is waited for in the same iteration
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}

@@ -91,19 +91,37 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
     return out.view(b, hq, q_len, d)
 
 
-def lora_dy_products(library, grad_y, lora_b, u, target_blocks):
-    """(dy B (N, r), uᵀ dy (r, C)) in fp32 from the fused kernel, its grid planned for about
-    `target_blocks` blocks; ranks below 16 zero-padded as the cuda backend pads them."""
-    (n, c), rank = grad_y.shape, u.shape[1]
-    lora_b, u = (torch.nn.functional.pad(t, (0, 16 - rank)).contiguous() for t in (lora_b, u))
+def _dy_products_run(library, dy, b, u, target_blocks, copy_to=None):
+    """Plans, then runs the fused dy kernel; (g_part, d_part, plan) with the guards checked."""
+    n, c = dy.shape
     run = library.engram_lora_dy_products
     run.restype = ctypes.c_char_p
     plan = (ctypes.c_int64 * 3)()
-    args = [ctypes.c_int(grad_y.dtype == torch.bfloat16), *map(_pointer, (grad_y, lora_b, u))]
-    run(*args, None, None, ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(target_blocks), plan, None, 0)
+    args = [ctypes.c_int(dy.dtype == torch.bfloat16), _pointer(dy), _pointer(b), None if u is None else _pointer(u)]
+    sizes = [ctypes.c_int64(n), ctypes.c_int64(c), ctypes.c_int64(target_blocks), plan]
+    copy = [None, ctypes.c_int64(0)] if copy_to is None else [_pointer(copy_to), ctypes.c_int64(copy_to.stride(0))]
+    run(*args, None, None, *sizes, None, 0, *copy)
     row_blocks, splits = plan[0], plan[1]
     g_part, d_part = _guarded(splits * n * 16), _guarded(row_blocks * 16 * c)
-    error = run(*args, _pointer(g_part), _pointer(d_part), ctypes.c_int64(n), ctypes.c_int64(c),
-                ctypes.c_int64(target_blocks), plan, *_readable([grad_y, lora_b, u]))
+    error = run(*args, _pointer(g_part), None if u is None else _pointer(d_part), *sizes,
+                *_readable([t for t in (dy, b, u) if t is not None]), *copy)
     g_part, d_part = _checked(error, g_part, d_part)
-    return g_part.view(splits, n, 16).sum(0)[:, :rank], d_part.view(row_blocks, 16, c).sum(0)[:rank]
+    return g_part.view(splits, n, 16), d_part.view(row_blocks, 16, c)
+
+
+def lora_dy_products(library, grad_y, lora_b, u, target_blocks):
+    """(dy B (N, r), uᵀ dy (r, C)) in fp32 from the fused kernel, its grid planned for about
+    `target_blocks` blocks; ranks below 16 zero-padded as the cuda backend pads them."""
+    rank = u.shape[1]
+    lora_b, u = (torch.nn.functional.pad(t, (0, 16 - rank)).contiguous() for t in (lora_b, u))
+    g_part, d_part = _dy_products_run(library, grad_y, lora_b, u, target_blocks)
+    return g_part.sum(0)[:, :rank], d_part.sum(0)[:rank]
+
+
+def lora_x_products(library, x, lora_a, xu, target_blocks):
+    """u = x Aᵀ (N, r) in fp32 from the same kernel in its copy mode, which also writes x into xu's
+    first columns (xu: a row-major view with padded rows, as composite.padded_rows makes)."""
+    rank = lora_a.shape[0]
+    a_t = torch.nn.functional.pad(lora_a.t(), (0, 16 - rank)).contiguous()
+    g_part, _ = _dy_products_run(library, x, a_t, None, target_blocks, copy_to=xu)
+    return g_part.sum(0)[:, :rank]

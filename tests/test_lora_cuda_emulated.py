@@ -39,3 +39,20 @@ def test_emulator_flags_reads_outside_the_inputs(library):
     grad_y, lora_b, u = torch.randn(64, 128).bfloat16(), torch.randn(128, 16).bfloat16(), torch.randn(64, 16).bfloat16()
     with pytest.raises(RuntimeError, match="outside every buffer"):
         host_cuda.lora_dy_products(library, grad_y, lora_b[:100], u, 4)  # the kernel reads B's 128 rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n, k, r, blocks", [(1, 8, 1, 1), (37, 64, 16, 4), (600, 136, 5, 3), (513, 200, 16, 64)],
+                         ids=str)
+def test_emulated_x_products_copy_x_and_match_reference(library, n, k, r, blocks, dtype):
+    """The kernel's copy mode (the joined-weight forward's input): u = x Aᵀ, and x written into the
+    first k columns of xu's padded rows, nothing else of xu touched."""
+    gen = torch.Generator().manual_seed(n + k + r)
+    x, lora_a = torch.randn(n, k, generator=gen).to(dtype), torch.randn(r, k, generator=gen).to(dtype)
+    ld = -(-(k + r) // 8) * 8
+    buffer = torch.full((n * ld + 64,), float("nan"), dtype=dtype)  # NaN guard after the rows
+    xu = buffer[:n * ld].view(n, ld)[:, :k + r]
+    u = host_cuda.lora_x_products(library, x, lora_a, xu, blocks)
+    torch.testing.assert_close(u, x.float() @ lora_a.float().t(), rtol=1e-4, atol=1e-3)
+    assert torch.equal(xu[:, :k], x)
+    assert buffer.view(-1)[n * ld:].isnan().all() and buffer[:n * ld].view(n, ld)[:, k:].isnan().all()

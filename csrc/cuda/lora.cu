@@ -152,10 +152,10 @@ const float* scales_ptr(const std::optional<Tensor>& scales) {
   return scales.has_value() ? scales->data_ptr<float>() : nullptr;
 }
 
-template <typename T>
-void launch_dy_products(const Tensor& dy, const Tensor& b, const Tensor& u, Tensor& g_part, Tensor& d_part,
-                        const dy_products::Plan& plan) {
-  const auto kernel = dy_products::dy_products_kernel<T>;
+template <typename T, bool kCopyRows>
+void launch_dy_kernel(const Tensor& dy, const Tensor& b, const T* u, Tensor& g_part, float* d_part,
+                      const dy_products::Plan& plan, T* copy_to, int64_t copy_ld) {
+  const auto kernel = dy_products::dy_products_kernel<T, kCopyRows>;
   constexpr int kShared = sizeof(dy_products::Shared<T>);
   static const bool attribute_set = [&] {  // over 48 KB of dynamic shared memory needs the opt-in
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared));
@@ -163,11 +163,17 @@ void launch_dy_products(const Tensor& dy, const Tensor& b, const Tensor& u, Tens
   }();
   (void)attribute_set;
   const dim3 grid(static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(plan.splits));
-  kernel<<<grid, dy_products::kWarps * kWarp, kShared,
-           c10::cuda::getCurrentCUDAStream()>>>(dy.data_ptr<T>(), b.data_ptr<T>(), u.data_ptr<T>(),
-                                                 g_part.data_ptr<float>(), d_part.data_ptr<float>(), dy.size(0),
-                                                 dy.size(1), plan.tiles_per_split);
+  kernel<<<grid, dy_products::kWarps * kWarp, kShared, c10::cuda::getCurrentCUDAStream()>>>(
+      dy.data_ptr<T>(), b.data_ptr<T>(), u, g_part.data_ptr<float>(), d_part, dy.size(0), dy.size(1),
+      plan.tiles_per_split, copy_to, copy_ld);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// About two blocks per SM (their shared memory fills it) for a (n, c) dy.
+dy_products::Plan dy_plan(const Tensor& dy) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
+  return dy_products::plan(dy.size(0), dy.size(1), 2 * static_cast<int64_t>(sms));
 }
 
 }  // namespace
@@ -229,14 +235,32 @@ std::vector<Tensor> fused_dy_products(const Tensor& dy, const Tensor& b, const T
   if (n == 0 || c == 0)
     return {at::zeros({n, dy_products::kRank}, dy.options().dtype(at::kFloat)),
             at::zeros({dy_products::kRank, c}, dy.options().dtype(at::kFloat))};
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dy.get_device()));
-  const auto plan = dy_products::plan(n, c, 2 * static_cast<int64_t>(sms));  // 2 blocks fit an SM's shared memory
+  const auto plan = dy_plan(dy);
   Tensor g_part = at::empty({plan.splits, n, dy_products::kRank}, dy.options().dtype(at::kFloat));
   Tensor d_part = at::empty({plan.row_blocks, dy_products::kRank, c}, dy.options().dtype(at::kFloat));
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "fused_dy_products",
-                                     [&] { launch_dy_products<scalar_t>(dy, b, u, g_part, d_part, plan); });
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(dy.scalar_type(), "fused_dy_products", [&] {
+    launch_dy_kernel<scalar_t, false>(dy, b, u.data_ptr<scalar_t>(), g_part, d_part.data_ptr<float>(), plan, nullptr,
+                                      0);
+  });
   return {g_part.sum(0), d_part.sum(0)};
+}
+
+Tensor fused_x_products(const Tensor& x, const Tensor& a_t, const Tensor& xu) {
+  const at::cuda::OptionalCUDAGuard guard(x.device());
+  const int64_t n = x.size(0), k = x.size(1);
+  TORCH_CHECK(x.is_contiguous() && a_t.is_contiguous() && k % 8 == 0 && a_t.size(0) == k &&
+                  a_t.size(1) == dy_products::kRank && xu.scalar_type() == x.scalar_type() && xu.size(0) == n &&
+                  xu.size(1) >= k && xu.stride(1) == 1 && xu.stride(0) % 8 == 0 &&
+                  reinterpret_cast<uintptr_t>(xu.data_ptr()) % 16 == 0,
+              "fused_x_products: contiguous x (N, K) with K % 8 == 0, A^T (K, 16), xu (N, >= K) of x's dtype with "
+              "16-byte aligned rows");
+  if (n == 0 || k == 0) return at::zeros({n, dy_products::kRank}, x.options().dtype(at::kFloat));
+  const auto plan = dy_plan(x);
+  Tensor g_part = at::empty({plan.splits, n, dy_products::kRank}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "fused_x_products", [&] {
+    launch_dy_kernel<scalar_t, true>(x, a_t, nullptr, g_part, nullptr, plan, xu.data_ptr<scalar_t>(), xu.stride(0));
+  });
+  return g_part.sum(0);
 }
 
 Tensor grouped_outer(const Tensor& small, const Tensor& big, const Tensor& perm, const Tensor& offsets,

@@ -13,6 +13,7 @@ void sgmv_expand_(const at::Tensor& dst, const at::Tensor& perm, const at::Tenso
 at::Tensor grouped_outer(const at::Tensor& small, const at::Tensor& big, const at::Tensor& perm,
                          const at::Tensor& offsets, int64_t n_adapters);
 std::vector<at::Tensor> fused_dy_products(const at::Tensor& dy, const at::Tensor& b, const at::Tensor& u);
+at::Tensor fused_x_products(const at::Tensor& x, const at::Tensor& a_t, const at::Tensor& xu);
 }  // namespace engram
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -28,4 +29,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_dy_products", &engram::fused_dy_products,
         "(dy B, u^T dy) in fp32 from one read of 16-bit dy (N, C % 8 == 0); B (C, 16), u (N, 16)", py::arg("dy"),
         py::arg("b"), py::arg("u"));
+  m.def("fused_x_products", &engram::fused_x_products,
+        "x A^T in fp32 (N, 16) from one read of 16-bit x (N, K % 8 == 0), A^T (K, 16), x also written into xu's "
+        "first K columns (the joined-weight forward's input)",
+        py::arg("x"), py::arg("a_t"), py::arg("xu"));
 }

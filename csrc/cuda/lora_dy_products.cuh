@@ -12,6 +12,10 @@
 // written as the block's partial (row block, 16, C); g as the split's partial (split, N, 16). The
 // caller adds the partials (23 MB at N 8192 x C 14336, a tenth of dy; no atomics, so the result is
 // the same every run).
+//
+// The same kernel with kCopyRows makes the joined-weight LoRA forward's input (composite.py): with x
+// for dy and Aᵀ (in, 16) for B it computes only g = x Aᵀ and writes every staged piece of x on to a
+// wider row-major buffer (the first columns of [x | s·u]), so x is read once for both.
 #pragma once
 
 #ifdef ENGRAM_HOST_WARPS  // compiled for a CPU by the emulator the tests run (csrc/emulation)
@@ -86,13 +90,30 @@ struct Block {
     ptx::cp_async_16(&sh.b[stage][rank_at(b_row, b_chunk)], valid ? b + (col0 + b_row) * kRank + b_chunk * 8 : b,
                      valid ? 16 : 0);
   }
+
+  // Writes staged piece `t` to `to` (row stride `ld`, 16-byte aligned rows), the chunks issue(t) loaded.
+  __device__ __forceinline__ void copy_out(int t, T* to, int64_t ld) const {
+    constexpr int kRowsApart = kWarps * kWarp / 8;
+    const int row = threadIdx.x / 8, chunk = threadIdx.x % 8;
+    const int64_t col = (col_tile0 + t / kChunks) * kTileCols + chunk * 8;
+    const int64_t first_row = row0 + (t % kChunks) * kChunkRows + row;
+    if (col >= c) return;
+    const T* from = &sh.dy[t % kStages][dy_at(row, chunk)];
+#pragma unroll
+    for (int i = 0; i < kChunkRows / kRowsApart; ++i)
+      if (first_row + i * kRowsApart < n)
+        *reinterpret_cast<uint4*>(to + (first_row + i * kRowsApart) * ld + col) =
+            *reinterpret_cast<const uint4*>(from + i * kRowsApart * kTileCols);
+  }
 };
 
-template <typename T>
+// kCopyRows: g only (u and d_part unused), and each piece of dy written on to copy_to (row stride copy_ld).
+template <typename T, bool kCopyRows = false>
 __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __restrict__ dy, const T* __restrict__ b,
                                                                     const T* __restrict__ u, float* __restrict__ g_part,
                                                                     float* __restrict__ d_part, int64_t n, int64_t c,
-                                                                    int tiles_per_split) {
+                                                                    int tiles_per_split, T* __restrict__ copy_to = nullptr,
+                                                                    int64_t copy_ld = 0) {
   ENGRAM_DYNAMIC_SHARED(shared_bytes);
   auto& sh = *reinterpret_cast<Shared<T>*>(shared_bytes);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, g = lane / 4, t4 = lane % 4;
@@ -101,10 +122,13 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
                      static_cast<int>(min(static_cast<int64_t>(tiles_per_split), col_tiles - split * tiles_per_split)) *
                          kChunks};
 
-  for (int i = threadIdx.x; i < kBlockRows * 2; i += kWarps * kWarp) {  // the block's u rows, 2 chunks each
-    const int row = i / 2, chunk = i % 2;
-    const bool valid = blk.row0 + row < n;
-    ptx::cp_async_16(&sh.u[rank_at(row, chunk)], valid ? u + (blk.row0 + row) * kRank + chunk * 8 : u, valid ? 16 : 0);
+  if constexpr (!kCopyRows) {
+    for (int i = threadIdx.x; i < kBlockRows * 2; i += kWarps * kWarp) {  // the block's u rows, 2 chunks each
+      const int row = i / 2, chunk = i % 2;
+      const bool valid = blk.row0 + row < n;
+      ptx::cp_async_16(&sh.u[rank_at(row, chunk)], valid ? u + (blk.row0 + row) * kRank + chunk * 8 : u,
+                       valid ? 16 : 0);
+    }
   }
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -147,36 +171,42 @@ __global__ void __launch_bounds__(kWarps * kWarp) dy_products_kernel(const T* __
           mma<T>(gacc[chunk][mt][1], a, bf[2], bf[3]);
         }
       }
+      if constexpr (kCopyRows) {
+        blk.copy_out(t, copy_to, copy_ld);
+      } else {
 #pragma unroll
-      for (int kr = 0; kr < 2; ++kr) {  // d += uᵀ dy over the warp's rows
-        uint32_t a[4];
-        ptx::ldmatrix_x4<true>(a, &sh.u[u_row + (chunk * kChunkRows + kr * 16) * kRank]);
+        for (int kr = 0; kr < 2; ++kr) {  // d += uᵀ dy over the warp's rows
+          uint32_t a[4];
+          ptx::ldmatrix_x4<true>(a, &sh.u[u_row + (chunk * kChunkRows + kr * 16) * kRank]);
 #pragma unroll
-        for (int cn = 0; cn < kTileCols / 16; ++cn) {
-          uint32_t bf[4];
-          ptx::ldmatrix_x4<true>(bf, &tile[dy_b[cn] + kr * 16 * kTileCols]);
-          mma<T>(dacc[2 * cn], a, bf[0], bf[1]);
-          mma<T>(dacc[2 * cn + 1], a, bf[2], bf[3]);
+          for (int cn = 0; cn < kTileCols / 16; ++cn) {
+            uint32_t bf[4];
+            ptx::ldmatrix_x4<true>(bf, &tile[dy_b[cn] + kr * 16 * kTileCols]);
+            mma<T>(dacc[2 * cn], a, bf[0], bf[1]);
+            mma<T>(dacc[2 * cn + 1], a, bf[2], bf[3]);
+          }
         }
       }
     }
-    // The column tile is done: its d, summed over the warps, is the block's partial. The next write
-    // of sh.d comes a column tile later, after the loop's __syncthreads.
+    if constexpr (!kCopyRows) {
+      // The column tile is done: its d, summed over the warps, is the block's partial. The next write
+      // of sh.d comes a column tile later, after the loop's __syncthreads.
 #pragma unroll
-    for (int nt = 0; nt < kTileCols / 8; ++nt)
+      for (int nt = 0; nt < kTileCols / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sh.d[warp][(g + 8 * (e / 2)) * kTileCols + nt * 8 + 2 * t4 + e % 2] = dacc[nt][e];
-        dacc[nt][e] = 0.f;
+        for (int e = 0; e < 4; ++e) {
+          sh.d[warp][(g + 8 * (e / 2)) * kTileCols + nt * 8 + 2 * t4 + e % 2] = dacc[nt][e];
+          dacc[nt][e] = 0.f;
+        }
+      __syncthreads();
+      const int64_t col0 = (blk.col_tile0 + first / kChunks) * kTileCols;
+      for (int i = threadIdx.x; i < kRank * kTileCols; i += kWarps * kWarp) {
+        const int64_t col = col0 + i % kTileCols;
+        float sum = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += sh.d[w][i];
+        if (col < c) d_part[(static_cast<int64_t>(blockIdx.x) * kRank + i / kTileCols) * c + col] = sum;
       }
-    __syncthreads();
-    const int64_t col0 = (blk.col_tile0 + first / kChunks) * kTileCols;
-    for (int i = threadIdx.x; i < kRank * kTileCols; i += kWarps * kWarp) {
-      const int64_t col = col0 + i % kTileCols;
-      float sum = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += sh.d[w][i];
-      if (col < c) d_part[(static_cast<int64_t>(blockIdx.x) * kRank + i / kTileCols) * c + col] = sum;
     }
   }
   ptx::cp_async_wait<0>();
