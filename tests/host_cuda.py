@@ -92,7 +92,7 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
 
 
 def _dy_products_run(library, dy, b, u, target_blocks, copy_to=None):
-    """Plans, then runs the fused dy kernel; (g_part, d_part, plan) with the guards checked."""
+    """Plans, then runs the fused dy kernel: its partials (g_part, d_part), the guards checked."""
     n, c = dy.shape
     run = library.engram_lora_dy_products
     run.restype = ctypes.c_char_p
