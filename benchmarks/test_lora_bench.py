@@ -102,9 +102,7 @@ def make_inputs(c, device, dtype):
     lora_a = randn(*stack, c.r, c.d_in, std=c.d_in**-0.5).requires_grad_()
     lora_b = randn(*stack, c.d_out, c.r, std=0.01)
     if c.joined:
-        wide = composite.padded_rows(c.d_out, c.d_in + c.r, weight)
-        wide.copy_(torch.cat([weight, lora_b], 1))
-        weight, lora_b = wide[:, :c.d_in], wide[:, c.d_in:]
+        weight, lora_b = composite.joined_copies(weight, lora_b)
     lora_b.requires_grad_()
     inputs = Inputs(x, weight, lora_a, lora_b, randn(c.n_tokens, c.d_out))
     if c.n_adapters:

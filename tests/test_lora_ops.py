@@ -119,10 +119,7 @@ def test_joined_weight_layout_matches_reference(case, shape, pad):
 @pytest.mark.parametrize("n, k, r", [(1, 8, 1), (37, 130, 5), (64, 256, 16)])
 def test_x_and_u_writes_x_and_the_scaled_branch(case, n, k, r):
     """The joined forward's input [x | s·x Aᵀ] (rows padded) and u = x Aᵀ, from each GPU backend's kernel."""
-    import importlib
-    module = {"triton": "triton_kernels", "cuda": "cuda_ext"}.get(case[0])
-    x_and_u = (getattr(importlib.import_module(f"engram_kernels.ops.lora.{module}")._Kernels, "x_and_u") if module
-               else composite.torch_x_and_u)
+    x_and_u = getattr(functional.backend_module(case[1]), "x_and_u", composite.torch_x_and_u)
     for dtype in _dtypes(case):
         x, _, lora_a, *_ = _single_inputs((n, k, 4, r), case[1], dtype)
         xu = composite.padded_rows(n, k + r, x)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..ops.lora import lora_linear, lora_linear_multi, merge_lora, unmerge_lora
-from ..ops.lora.composite import joined_weight, padded_rows
+from ..ops.lora.composite import joined_copies, joined_weight
 
 
 def lora_scale(r, alpha, use_rslora=False):
@@ -85,10 +85,7 @@ class LoRALinear(nn.Module):
         w, b = self.weight, self.lora_B
         if self.tied_to or w.dtype != b.dtype or w.device != b.device or self.joined():
             return
-        wide = padded_rows(self.out_features, self.in_features + self.r, w)
-        wide[:, :self.in_features].copy_(w)
-        wide[:, self.in_features:].copy_(b)
-        w.data, b.data = wide[:, :self.in_features], wide[:, self.in_features:]
+        w.data, b.data = joined_copies(w, b)
 
     def forward(self, x):
         if self.disabled and self.merged:  # as peft: the base model's output needs the weight back

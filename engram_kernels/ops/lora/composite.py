@@ -39,6 +39,15 @@ def padded_rows(n, width, like):
     return like.new_empty(n, ld)[:, :width]
 
 
+def joined_copies(weight, lora_b):
+    """Copies of W and B as the column blocks of one new (out, in + r) buffer with padded rows."""
+    k = weight.shape[1]
+    wide = padded_rows(weight.shape[0], k + lora_b.shape[1], weight)
+    wide[:, :k].copy_(weight)
+    wide[:, k:].copy_(lora_b)
+    return wide[:, :k], wide[:, k:]
+
+
 def torch_x_and_u(x, lora_a, scale, xu):
     u = x @ lora_a.t()
     xu[:, :x.shape[1]].copy_(x)
