@@ -141,13 +141,28 @@ def early_reads(body, within=EARLY_READ):
     return loads, early
 
 
+def forward_skips(body):
+    """(position, instructions jumped over) of each conditional forward branch in a loop body: blocks a
+    typical iteration may skip (a key group's setup, a rescale), so that what one iteration runs is the
+    loop's length less the blocks it skips."""
+    start = {address: i for i, (address, _, _, _) in enumerate(body)}
+    skips = []
+    for i, (address, predicate, op, operands) in enumerate(body):
+        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
+        if target and int(target[1], 16) > address and int(target[1], 16) in start:
+            skips.append((i, start[int(target[1], 16)] - i - 1))
+    return skips
+
+
 def print_loops(loops, warps):
-    for body in sorted(loops, key=len, reverse=True)[:2]:
+    for n, body in enumerate(sorted(loops, key=len, reverse=True)[:2]):
         mix = collections.Counter(op.split(".")[0] for _, _, op, _ in body)
         loads, early = early_reads(body)
         print(f"  loop of {len(body)} instructions x {warps} warps: {dict(mix.most_common(24))}")
         print(f"    {loads} global loads, {early} of them read within {EARLY_READ} instructions (the warp waits there "
               f"every iteration; only other warps can hide it)")
+        if n == 0:
+            print(f"    conditional blocks (position, instructions): {forward_skips(body)}")
 
 
 def _load(path):

@@ -119,9 +119,9 @@ enum Ablation : int {
   kNoLoads = 16,     // the first slab's codes and scales for every slab (no loads in the loop)
 };
 
-// Dynamic shared memory, all 16-bit: the block's query rows (kMaxRows x D), then per warp two key
-// groups' scale and zero rows (2 buffers x 2 x D).
-constexpr size_t shared_bytes(int64_t d) { return static_cast<size_t>(kMaxRows + kWarps * 4) * d * 2; }
+// Dynamic shared memory: the block's query rows times the softmax scale as floats (kMaxRows x D, rows
+// past the real ones 0), then per warp two key groups' fp16 scale and zero rows (2 buffers x 2 x D).
+constexpr size_t shared_bytes(int64_t d) { return static_cast<size_t>(kMaxRows * 4 + kWarps * 4 * 2) * d; }
 
 // One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
 // in O^T (channels x query rows) rows 2t and 2t + 1. VG value groups per token (a compile-time
@@ -141,8 +141,7 @@ struct Warp {
   using Op = Operand<T>;
 
   int g, t;
-  const T* qrow;           // query row g in shared memory (a real row for padding rows), read per key group
-  float qscale;            // the softmax scale (0 for padding rows: their A fragments are zero)
+  const float* qrow;       // query row g times the softmax scale in shared memory (0 for a padding row)
   uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
   float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
   float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
@@ -158,10 +157,9 @@ struct Warp {
     return (mm / (VBYTES / 2)) * P + (r % 8) * VBYTES + 2 * (mm % (VBYTES / 2)) + r / 8;
   }
 
-  __device__ __forceinline__ void init(const T* query_rows, const Args& a, int lane) {
+  __device__ __forceinline__ void init(const float* query_rows, int lane) {
     g = lane / 4, t = lane % 4;
-    qrow = query_rows + min(g, a.rows - 1) * D;
-    qscale = g < a.rows ? a.scale : 0.f;
+    qrow = query_rows + g * D;
     m = -INFINITY, l = 0.f;
 #pragma unroll
     for (int j = 0; j < VG; ++j) zsum[j] = 0.f;
@@ -203,11 +201,9 @@ struct Warp {
         for (int e = 0; e < 4; ++e) s[e] = __half2float(sh[e]), z[e] = __half2float(zh[e]);
       }
       float q[4], qs[4];
-      {  // the lane's four channels: 8 aligned bytes
-        const uint2 qv = *reinterpret_cast<const uint2*>(qrow + key_channel(kk, t, 0));
-        const T* qh = reinterpret_cast<const T*>(&qv);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) q[e] = static_cast<float>(qh[e]) * qscale;
+      {  // the lane's four channels: 16 aligned bytes
+        const float4 qv = *reinterpret_cast<const float4*>(qrow + key_channel(kk, t, 0));
+        q[0] = qv.x, q[1] = qv.y, q[2] = qv.z, q[3] = qv.w;
       }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -230,10 +226,9 @@ struct Warp {
   }
 
   // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e, with the key group's
-  // bias; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. `last`: the last position row g
-  // may see; `pos0`: the slab's first position; `valid`: tokens of the slab that exist.
-  __device__ __forceinline__ void softmax(float (&s)[2][4], int64_t pos0, int valid, int64_t last) {
-    const int visible = static_cast<int>(min(static_cast<int64_t>(valid), max(last - pos0 + 1, int64_t{0})));
+  // bias; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. Row g sees the slab's first
+  // `visible` tokens (those that exist and are not after its query).
+  __device__ __forceinline__ void softmax(float (&s)[2][4], int visible) {
     float mx = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -331,33 +326,38 @@ struct Warp {
     c.value_scale += 16 * VG, c.value_zero += 16 * VG;
   }
 
-  // Asks L2 for the slab after the one at `c` (the code lines of its `valid` tokens and the first line
-  // of its value scales and zeros): no registers, no wait, so the loads issued a slab later need not
-  // go to DRAM. Call it only when that slab exists.
-  __device__ __forceinline__ void prefetch_after(const Cursor& c, int valid) const {
-    constexpr int kLines = 16 * P / 128;  // 128-byte lines of one slab's key (or value) codes
-    const int lane = 4 * g + t;
-    const uint8_t* key = c.key - g * P - t * (P / 4) + 16 * P;  // the next slab's first token
-    const uint8_t* value = c.value - 2 * t * P - g * VBYTES + 16 * P;
-    const void* line = lane < kLines        ? static_cast<const void*>(key + 128 * lane)
-                       : lane < 2 * kLines  ? static_cast<const void*>(value + 128 * (lane - kLines))
-                       : lane == 2 * kLines ? static_cast<const void*>(c.value_scale - 2 * t * VG + 16 * VG)
-                                            : static_cast<const void*>(c.value_zero - 2 * t * VG + 16 * VG);
-    const bool exists = lane >= 2 * kLines || 128 * (lane % kLines) < valid * P;  // a last slab may be partial
-    if (lane <= 2 * kLines + 1 && exists) ptx::prefetch_l2(line);
+  // The line a lane asks L2 for in a slab two ahead of the one being computed (no registers, no wait,
+  // so that the loads issued a slab later need not go to DRAM): one 128-byte line of the key or value
+  // codes per lane (lanes past those lines repeat them), the lane's pointer moved one slab per slab.
+  static constexpr int kPrefetchLines = 16 * P / 128;  // lines of one slab's key (or value) codes
+
+  // The lane's line in the slab after the one at `c` (the cursor's first slab).
+  __device__ __forceinline__ const uint8_t* prefetch_line(const Cursor& c) const {
+    const int line = (4 * g + t) % (2 * kPrefetchLines);
+    const uint8_t* codes = line < kPrefetchLines ? c.key - g * P - t * (P / 4) : c.value - 2 * t * P - g * VBYTES;
+    return codes + 16 * P + 128 * (line % kPrefetchLines);
   }
 
-  // Issues the loads of the slab at `c` (`valid` of its tokens exist); absent tokens read 0. All of
-  // them predicated loads into registers nothing reads before the slab is computed.
-  __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid) const {
+  // Moves `line` one slab on and asks for it there when `ask` (only for whole slabs: every lane's line
+  // exists there).
+  __device__ __forceinline__ static void prefetch_next(const uint8_t*& line, bool ask) {
+    line += 16 * P;
+    if (ask) ptx::prefetch_l2(line);
+  }
+
+  // Issues the loads of the slab at `c`, all into registers nothing reads before the slab is computed:
+  // a whole slab's (WHOLE: every one but a split's last), or the first `valid` tokens' (absent ones 0).
+  template <bool WHOLE>
+  __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid = 16) const {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, 8 * nt + g < valid);
+    for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, WHOLE || 8 * nt + g < valid);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const int tok = slot_token(t, k), from_2t = (k & 1) + 8 * (k >> 1);
-      load_words(x.v[k], c.value + from_2t * P, tok < valid);
-      load_halves(x.scale[k], c.value_scale + from_2t * VG, tok < valid);
-      load_halves(x.zero[k], c.value_zero + from_2t * VG, tok < valid);
+      const int from_2t = (k & 1) + 8 * (k >> 1);
+      const bool exists = WHOLE || slot_token(t, k) < valid;
+      load_words(x.v[k], c.value + from_2t * P, exists);
+      load_halves(x.scale[k], c.value_scale + from_2t * VG, exists);
+      load_halves(x.zero[k], c.value_zero + from_2t * VG, exists);
     }
   }
 
@@ -376,11 +376,10 @@ struct Warp {
       }
   }
 
-  // The rest of the slab starting at token `tok0`: softmax of its scores s, then O^T += V^T P^T.
+  // The rest of a slab: softmax of its scores s (row g sees `visible` tokens), then O^T += V^T P^T.
   template <int ABLATE = kKeepAll>
-  __device__ __forceinline__ void finish_slab(const Loads& x, float (&s)[2][4], int64_t tok0, int valid,
-                                              int64_t last) {
-    if constexpr (!(ABLATE & kNoSoftmax)) softmax(s, tok0, valid, last);
+  __device__ __forceinline__ void finish_slab(const Loads& x, float (&s)[2][4], int visible) {
+    if constexpr (!(ABLATE & kNoSoftmax)) softmax(s, visible);
     if constexpr (ABLATE & kNoValues) o[0][0] += s[0][0] + s[1][0];  // the scores stay live
     else values_slab(x, s);
   }
@@ -398,26 +397,39 @@ struct Warp {
       }
       zsum[j] += p_fragment(pb[j], s, f, add, true);
     }
+    // Bytes j, j + 1 of a token pair's words side by side ([2t: j, 2t+1: j, 2t: j+1, 2t+1: j+1]), once
+    // for all planes: a plane of it then becomes two operand words by one prmt each (as on the key side).
+    uint32_t pairs[2][VBYTES / 2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int bp = 0; bp < VBYTES / 2; ++bp) {
+        const uint32_t j = 2 * bp % 4;
+        pairs[h][bp] = prmt(x.v[2 * h][bp / 2], x.v[2 * h + 1][bp / 2], j | (j + 4) << 4 | (j + 1) << 8 | (j + 5) << 12);
+      }
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm) {
-      const int i = mm / (VBYTES / 2), byte = 2 * (mm % (VBYTES / 2)), group = i / GROUP_PLANES;
-      uint32_t frag[4];  // rows g, g + 8 = bytes byte, byte + 1; tokens 2t, 2t + 1 | 2t + 8, 2t + 9
+      const int i = mm / (VBYTES / 2), bp = mm % (VBYTES / 2), group = i / GROUP_PLANES;
+      uint32_t frag[4];  // rows g, g + 8 = bytes 2 bp, 2 bp + 1; tokens 2t, 2t + 1 | 2t + 8, 2t + 9
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t lo = plane<BITS>(x.v[2 * h][byte / 4], i), hi = plane<BITS>(x.v[2 * h + 1][byte / 4], i);
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const uint32_t j = byte % 4 + r;  // byte j of both tokens' words into the halves' low bytes
-          frag[2 * h + r] = (prmt(lo, hi, j | ((j + 4) << 8)) & 0x00ff00ffu) | (Op::kHighBytes & 0xff00ff00u);
-        }
+        const uint32_t w = plane<BITS>(pairs[h][bp], i);
+        frag[2 * h] = prmt(w, Op::kHighBytes, 0x5140);
+        frag[2 * h + 1] = prmt(w, Op::kHighBytes, 0x7362);
       }
       Op::mma(o[mm], frag, pb[group][0], pb[group][1]);
     }
   }
 
+  // How many tokens of the residual window row g sees (its query is token g % q_len of the newest
+  // q_len; fewer than none when the queries reach back into the packed store).
+  __device__ __forceinline__ int residual_seen(const Args& a) const {
+    return static_cast<int>(a.residual_len - a.q_len) + g % a.q_len + 1;
+  }
+
   // One 16-token slab of the full-precision residual window (tokens tok0 .., `valid` exist).
-  __device__ __forceinline__ void residual_slab(const T* rk, const T* rv, int64_t head, int64_t tok0, int valid,
-                                                const Args& a, int64_t last) {
+  __device__ __forceinline__ void residual_slab(const T* rk, const T* rv, int64_t head, int tok0, int valid,
+                                                const Args& a) {
     const T* keys = rk + (head * a.residual_len + tok0) * D;
     const T* values = rv + (head * a.residual_len + tok0) * D;
     float s[2][4] = {};
@@ -432,7 +444,7 @@ struct Warp {
         mma_s(s[nt], kk, b0, b1);
       }
     }
-    softmax(s, a.packed_len + tok0, valid, last);
+    softmax(s, min(valid, max(residual_seen(a) - tok0, 0)));
     const float ones[4] = {1.f, 1.f, 1.f, 1.f};
     uint32_t pb[2];
     p_fragment(pb, s, ones, ones, false);
@@ -535,66 +547,79 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int64_t head = blockIdx.x;
   const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   ENGRAM_DYNAMIC_SHARED(shared);
-  T* query_rows = reinterpret_cast<T*>(shared);
-  __half* key_rows = reinterpret_cast<__half*>(shared) + (kMaxRows + warp * 4) * D;  // this warp's 2 x (scale, zero)
-  for (int i = threadIdx.x; i < a.rows * D / 8; i += kWarps * kWarp)  // 16 bytes each, committed with the first group
-    ptx::cp_async_16(query_rows + 8 * i, query + head * a.rows * D + 8 * i, 16);
+  float* query_rows = reinterpret_cast<float*>(shared);
+  __half* key_rows = reinterpret_cast<__half*>(query_rows + kMaxRows * D) + warp * 4 * D;  // this warp's 2 x (scale, zero)
+  for (int i = threadIdx.x; i < kMaxRows * D; i += kWarps * kWarp)  // read by every key group's setup
+    query_rows[i] = i < a.rows * D ? static_cast<float>(query[head * a.rows * D + i]) * a.scale : 0.f;
   Warp<T, BITS, D, VG> w;
-  w.init(query_rows, a, lane);
-  const int64_t last = a.packed_len + a.residual_len - a.q_len + w.g % a.q_len;  // row g: query token g % q_len
+  w.init(query_rows, lane);
 
-  // The split's packed tokens, a contiguous run of whole slabs per warp (key groups change rarely).
+  // The split's packed tokens, a contiguous run of whole slabs per warp (key groups change rarely); the
+  // loop counts tokens from the split's first one, in 32 bits.
   const int64_t t0 = split * a.tokens_per_split, t1 = min(t0 + a.tokens_per_split, a.packed_len);
-  const int64_t slabs = t1 > t0 ? (t1 - t0 + 15) / 16 : 0, per_warp = (slabs + kWarps - 1) / kWarps;
-  const int64_t first = warp * per_warp, end = min(slabs, first + per_warp);
-  const auto valid = [&](int64_t sl) { return static_cast<int>(min(int64_t{16}, t1 - t0 - 16 * sl)); };
+  const int len = t1 > t0 ? static_cast<int>(t1 - t0) : 0;
+  const int slabs = (len + 15) / 16, per_warp = (slabs + kWarps - 1) / kWarps;
+  const int first = warp * per_warp, end = min(slabs, first + per_warp);
+  const auto valid = [&](int sl) { return min(16, len - 16 * sl); };
+  const auto visible = [&](int sl) {  // row g's tokens of slab sl: all, unless its query reaches back here
+    if (a.residual_len >= a.q_len) return valid(sl);
+    return static_cast<int>(min(int64_t{valid(sl)}, max(a.packed_len + w.residual_seen(a) - t0 - 16 * sl, int64_t{0})));
+  };
   typename Warp<T, BITS, D, VG>::Loads cur, next;
   auto at = w.cursor(head, t0 + 16 * first, a);
+  auto prefetch = w.prefetch_line(at);
   const auto buffer = [&](int64_t group) { return key_rows + (group & 1) * 2 * D; };
   const auto stage = [&](int64_t group) {
     const int64_t rows = (head * a.n_groups + group) * D;
     w.stage_group(buffer(group), a.key_scale + rows, a.key_zero + rows);
   };
-  if (first < end) {
-    w.load(cur, at, valid(first));
-    stage((t0 + 16 * first) / a.group);
-  } else {
-    ptx::cp_async_commit();
-  }
+  // Key groups are whole slabs and splits whole groups' multiples of 16 tokens: the loop meets them in turn.
+  int64_t group = first < end ? (t0 + 16 * first) / a.group : 0;
+  int group_end = static_cast<int>((group + 1) * a.group - t0);  // the next group's first token
+  const int whole_end = max(first, min(end, len / 16));  // the loop's slabs are whole; a split's partial last one follows
+  if (first < whole_end) w.template load<true>(cur, at);
+  if (first < end) stage(group);
+  else ptx::cp_async_commit();
   ptx::cp_async_wait<0>();
   __syncthreads();  // the query rows
-  int64_t next_group = 0;  // first token of the next key group (a division only when a group starts)
-  const auto start_group = [&](int64_t tok) {  // the key group of token `tok`: its setup
-    const int64_t group = tok / a.group;
-    next_group = (group + 1) * a.group;
-    ptx::cp_async_wait<0>();  // this group's rows, staged when the previous one started
+  const auto start_group = [&] {  // the setup of key group `group`
+    ptx::cp_async_wait<0>();  // its rows, staged when the previous one started
     __syncwarp();             // ... by every lane; and every lane is done with the previous group's buffer
     if (group + 1 < a.n_groups) stage(group + 1);
     w.template set_group<true>(buffer(group), buffer(group) + D);
   };
-  if (first < end) start_group(t0 + 16 * first);
-#pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
-  for (int64_t sl = first; sl < end; ++sl) {
-    const int64_t tok0 = t0 + 16 * sl;
-    if (sl + 1 < end && !(ABLATE & kNoLoads)) {
-      w.advance(at);
-      w.load(next, at, valid(sl + 1));
-      if (a.l2_prefetch && sl + 2 < end) w.prefetch_after(at, valid(sl + 2));
-    }
+  const auto compute = [&](int sl) {  // slab `sl`, from `cur`
     float s[2][4];
     w.template scores<ABLATE>(cur, s);
     // The next slab's key group is set up between this slab's scores and the rest of its work, which
     // does not depend on it: the setup's latency overlaps this slab's softmax and P V.
-    if (sl + 1 < end && tok0 + 16 >= next_group && !(ABLATE & kOneKeyGroup)) start_group(tok0 + 16);
-    w.template finish_slab<ABLATE>(cur, s, tok0, valid(sl), last);
+    if (sl + 1 < end && 16 * (sl + 1) >= group_end && !(ABLATE & kOneKeyGroup)) {
+      ++group, group_end += a.group;
+      start_group();
+    }
+    w.template finish_slab<ABLATE>(cur, s, visible(sl));
+  };
+  if (first < end) start_group();
+#pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
+  for (int sl = first; sl < whole_end; ++sl) {
+    if (sl + 1 < whole_end && !(ABLATE & kNoLoads)) {
+      w.advance(at);
+      w.template load<true>(next, at);
+      w.prefetch_next(prefetch, a.l2_prefetch && sl + 2 < whole_end);
+    }
+    compute(sl);
     if constexpr (!(ABLATE & kNoLoads)) cur = next;
+  }
+  if (whole_end < end) {  // the partial slab, loaded after the loop so that the loop's loads need no predicates
+    if (whole_end > first) w.advance(at);
+    w.template load<false>(cur, at, valid(whole_end));
+    compute(whole_end);
   }
   ptx::cp_async_wait<0>();  // a group staged past the warp's last slab
   if (split == a.n_splits - 1 && a.residual_len > 0) {
     w.template set_group<false>(nullptr, nullptr);
-    for (int64_t tok0 = 16 * warp; tok0 < a.residual_len; tok0 += 16 * kWarps)
-      w.residual_slab(residual_keys, residual_values, head, tok0,
-                      static_cast<int>(min(int64_t{16}, a.residual_len - tok0)), a, last);
+    for (int tok0 = 16 * warp; tok0 < a.residual_len; tok0 += 16 * kWarps)
+      w.residual_slab(residual_keys, residual_values, head, tok0, min(16, static_cast<int>(a.residual_len) - tok0), a);
   }
   // The block's warps combine their states in shared memory: one split-K partial per block.
   __shared__ float m_s[kWarps][8], l_s[kWarps][8], acc_s[kWarps][8 * D];
