@@ -123,17 +123,18 @@ enum Ablation : int {
 // past the real ones 0), then per warp two key groups' fp16 scale and zero rows (2 buffers x 2 x D).
 constexpr size_t shared_bytes(int64_t d) { return static_cast<size_t>(kMaxRows * 4 + kWarps * 4 * 2) * d; }
 
-// One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S^T (query rows x tokens) it holds row g;
-// in O^T (channels x query rows) rows 2t and 2t + 1. VG value groups per token (a compile-time
-// constant, so that the value scales' addresses are constant offsets), each covering whole planes.
+// One warp's state. Lane (g, t) = (lane / 4, lane % 4): in S = K Q^T (16 tokens x 8 query rows) and
+// in O^T (channels x query rows) it holds query rows 2t and 2t + 1; S's tokens g and g + 8. VG value
+// groups per token (a compile-time constant, so that the value scales' addresses are constant
+// offsets), each covering whole planes.
 template <typename T, int BITS, int D, int VG>
 struct Warp {
   static constexpr int P = D * BITS / 8;   // bytes per token
   static constexpr int PER = 8 / BITS;     // bit planes
   static constexpr int GROUP_PLANES = PER / VG;  // bit planes per value group
   static_assert(VG >= 1 && PER % VG == 0, "value groups must cover whole bit planes");
-  static constexpr int KSTEPS = D / 16;    // k-steps of S^T: (plane, word of the lane's P/4 bytes)
-  static constexpr int KWORDS = P / 16;    // words per lane per token for S^T
+  static constexpr int KSTEPS = D / 16;    // k-steps of S: (plane, word of the lane's P/4 bytes)
+  static constexpr int KWORDS = P / 16;    // words per lane per token for S
   static constexpr int VBYTES = P / 8;     // bytes per lane per token for O^T = V^T P^T
   static constexpr int VWORDS = VBYTES / 4;
   static constexpr int MTILES = D / 16;    // O^T row tiles: (plane, byte pair of the lane's VBYTES)
@@ -142,11 +143,12 @@ struct Warp {
 
   int g, t;
   const float* qrow;       // query row g times the softmax scale in shared memory (0 for a padding row)
-  uint32_t qa[KSTEPS][2];  // A fragments of S^T (row g; rows g + 8 are padding and zero)
-  float bias;              // row g: q . zero - MAGIC * sum of the A operands (current key group)
+  uint32_t qb[KSTEPS][2];  // B fragments of S: Q^T, query row g (the query rows need no padding)
+  float bias[2];           // rows 2t, 2t + 1: q . zero - MAGIC * sum of the B operands (current key group)
   float o[MTILES][4];      // C fragments of O^T: channels (rows) g, g + 8 x query rows 2t, 2t + 1
-  float m, l;              // row g: running max; this lane's share of the running sum
-  float zsum[VG];          // row g, per value group: sum of p * value zero - MAGIC * sum of B operands
+  float m[2], l[2];        // rows 2t, 2t + 1: running max; this lane's share (tokens g, g + 8) of the sum
+  float zsum[VG][2];       // the same rows' shares, per value group: sum of p * value zero - MAGIC * sum of
+                           // P's operands
 
   // Channel of k position (t, e) of k-step kk: e 0, 1 -> k 2t, 2t + 1; e 2, 3 -> 2t + 8, 2t + 9.
   __device__ __forceinline__ static int key_channel(int kk, int t, int e) {
@@ -160,9 +162,12 @@ struct Warp {
   __device__ __forceinline__ void init(const float* query_rows, int lane) {
     g = lane / 4, t = lane % 4;
     qrow = query_rows + g * D;
-    m = -INFINITY, l = 0.f;
 #pragma unroll
-    for (int j = 0; j < VG; ++j) zsum[j] = 0.f;
+    for (int e = 0; e < 2; ++e) {
+      m[e] = -INFINITY, l[e] = 0.f;
+#pragma unroll
+      for (int j = 0; j < VG; ++j) zsum[j][e] = 0.f;
+    }
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm)
 #pragma unroll
@@ -181,12 +186,13 @@ struct Warp {
     ptx::cp_async_commit();
   }
 
-  // A fragments for one key group (scale, zero: the group's (D,) rows in shared memory), or with CODES
+  // B fragments for one key group (scale, zero: the group's (D,) rows in shared memory), or with CODES
   // false for the residual window (no scales; a compile-time flag, so the packed loop has no null test
   // to branch on).
   template <bool CODES>
   __device__ __forceinline__ void set_group(const __half* scale, const __half* zero) {
     constexpr uint32_t kMagicPair = Op::kHighBytes & 0xff00ff00u;  // two 16-bit MAGICs
+    const uint32_t magic_a[4] = {kMagicPair, kMagicPair, kMagicPair, kMagicPair};
     float part = 0.f, magic[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int kk = 0; kk < KSTEPS; ++kk) {
@@ -210,77 +216,76 @@ struct Warp {
         qs[e] = q[e] * s[e];
         part += q[e] * z[e];
       }
-      qa[kk][0] = Op::pack(qs[0], qs[1]);
-      qa[kk][1] = Op::pack(qs[2], qs[3]);
-      // MAGIC times the row's sum of A operands, as S^T will see it: the same mma against B = MAGIC
-      if constexpr (CODES) mma_s(magic, kk, kMagicPair, kMagicPair);
+      qb[kk][0] = Op::pack(qs[0], qs[1]);
+      qb[kk][1] = Op::pack(qs[2], qs[3]);
+      // MAGIC times each row's sum of B operands, as S will see it: the same mma against A = MAGIC
+      if constexpr (CODES) Op::mma(magic, magic_a, qb[kk][0], qb[kk][1]);
     }
-    part += __shfl_xor_sync(kFullMask, part, 1);
-    part += __shfl_xor_sync(kFullMask, part, 2);
-    bias = CODES ? part - magic[0] : 0.f;  // the residual window has no codes: no MAGIC either
+    if constexpr (CODES) {
+      part += __shfl_xor_sync(kFullMask, part, 1);
+      part += __shfl_xor_sync(kFullMask, part, 2);  // row g's, in quad g
+#pragma unroll
+      for (int e = 0; e < 2; ++e) bias[e] = __shfl_sync(kFullMask, part, 4 * (2 * t + e)) - magic[e];
+    } else {
+      bias[0] = bias[1] = 0.f;  // the residual window has no codes: no zero points or MAGIC
+    }
   }
 
-  __device__ __forceinline__ void mma_s(float (&d)[4], int kk, uint32_t b0, uint32_t b1) const {
-    const uint32_t a[4] = {qa[kk][0], 0u, qa[kk][1], 0u};
-    Op::mma(d, a, b0, b1);
+  // s += K Q^T for k-step kk, K's fragments from the key operand words of tokens g (k0, k1: its k
+  // positions 2t, 2t + 1 and 2t + 8, 2t + 9) and g + 8 (k8_0, k8_1).
+  __device__ __forceinline__ void mma_s(float (&s)[4], int kk, uint32_t k0, uint32_t k1, uint32_t k8_0,
+                                        uint32_t k8_1) const {
+    const uint32_t a[4] = {k0, k8_0, k1, k8_1};
+    Op::mma(s, a, qb[kk][0], qb[kk][1]);
   }
 
-  // Online softmax over a slab's scores s[n-tile][e] (row g, token 8 nt + 2t + e, with the key group's
-  // bias; e 2, 3 are the padding row g + 8); leaves p in s[nt][0..1]. Row g sees the slab's first
-  // `visible` tokens (those that exist and are not after its query).
-  __device__ __forceinline__ void softmax(float (&s)[2][4], int visible) {
-    float mx = -INFINITY;
+  // Online softmax over a slab's scores s[h * 2 + e] (token g + 8h, row 2t + e, with the key group's
+  // bias); leaves p there. Row 2t + e sees the slab's first visible[e] tokens (those that exist and are
+  // not after its query).
+  __device__ __forceinline__ void softmax(float (&s)[4], const int (&visible)[2]) {
+    float alpha[2];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int e = 0; e < 2; ++e) {
+      if (visible[e] < 16) {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = 8 * nt + 2 * t + e;
-        float& v = s[nt][e];
-        v = tok < visible ? v : -INFINITY;
-        mx = fmaxf(mx, v);
+        for (int h = 0; h < 2; ++h) s[2 * h + e] = g + 8 * h < visible[e] ? s[2 * h + e] : -INFINITY;
       }
-    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
-    const float m_new = fmaxf(m, mx);
-    const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet
-    const float alpha = fast_exp(m - m_safe);
-    m = m_new;
-    float sum = 0.f;
+      float mx = fmaxf(s[e], s[2 + e]);
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+      for (int lanes = 4; lanes < kWarp; lanes *= 2) mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, lanes));
+      const float m_new = fmaxf(m[e], mx);
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet
+      alpha[e] = fast_exp(m[e] - m_safe);
+      m[e] = m_new;
+      s[e] = fast_exp(s[e] - m_safe);
+      s[2 + e] = fast_exp(s[2 + e] - m_safe);
+      l[e] = l[e] * alpha[e] + s[e] + s[2 + e];
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        s[nt][e] = fast_exp(s[nt][e] - m_safe);
-        sum += s[nt][e];
-      }
-    l = l * alpha + sum;
-#pragma unroll
-    for (int j = 0; j < VG; ++j) zsum[j] *= alpha;
-    // O^T columns are query rows 2t, 2t + 1: their factors live in quads 2t, 2t + 1. Once the running
-    // maxima settle no row's factor differs from 1 and the warp skips the rescale.
-    if (__any_sync(kFullMask, alpha != 1.f)) {
-      const float alpha0 = __shfl_sync(kFullMask, alpha, 8 * t), alpha1 = __shfl_sync(kFullMask, alpha, 8 * t + 4);
+      for (int j = 0; j < VG; ++j) zsum[j][e] *= alpha[e];
+    }
+    // O^T's columns are the same rows 2t, 2t + 1. Once the running maxima settle no row's factor
+    // differs from 1 and the warp skips the rescale.
+    if (__any_sync(kFullMask, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int mm = 0; mm < MTILES; ++mm)
-        o[mm][0] *= alpha0, o[mm][1] *= alpha1, o[mm][2] *= alpha0, o[mm][3] *= alpha1;
+        o[mm][0] *= alpha[0], o[mm][1] *= alpha[1], o[mm][2] *= alpha[0], o[mm][3] *= alpha[1];
     }
   }
 
-  // B fragment of P^T (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 x row g) times per-token factors f;
-  // returns the row's sum(p * add) - MAGIC * sum(B operands) when `codes`.
-  __device__ __forceinline__ float p_fragment(uint32_t (&pb)[2], const float (&p)[2][4], const float (&f)[4],
-                                              const float (&add)[4], bool codes) const {
+  // B fragments of P^T (tokens 2t, 2t + 1 | 2t + 8, 2t + 9 x row g) from the softmax weights p (in S's
+  // layout) times per-token factors f (tokens g, g + 8): each 8 x 8 half packed and transposed by
+  // movmatrix. With `codes`, adds each row's sum(p * add) - MAGIC * sum(P^T operands) to zs.
+  __device__ __forceinline__ void p_fragment(uint32_t (&pb)[2], const float (&p)[4], const float (&f)[2],
+                                             const float (&add)[2], float (&zs)[2], bool codes) const {
     float v[4];
 #pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = p[k / 2][k % 2] * f[k];
-    pb[0] = Op::pack(v[0], v[1]);
-    pb[1] = Op::pack(v[2], v[3]);
-    float zs = 0.f;
+    for (int k = 0; k < 4; ++k) v[k] = p[k] * f[k / 2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pb[h] = ptx::movmatrix_trans(Op::pack(v[2 * h], v[2 * h + 1]));
     if (codes) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) zs += p[k / 2][k % 2] * add[k] - Op::kMagic * Op::rounded(v[k]);
+      for (int k = 0; k < 4; ++k) zs[k % 2] += p[k] * add[k / 2] - Op::kMagic * Op::rounded(v[k]);
     }
-    return zs;
   }
 
   // What one 16-token slab of the packed store reads, loaded a slab ahead of its use so that the
@@ -288,12 +293,20 @@ struct Warp {
   struct Loads {
     uint32_t k[2][KWORDS];  // key codes of tokens g, g + 8: the lane's P/4 bytes
     uint32_t v[4][VWORDS];  // value codes of tokens 2t, 2t + 1, 2t + 8, 2t + 9: the lane's VBYTES bytes
-    // fp16 bits of those tokens' value scale and zero per value group, two groups to a word (0 for
-    // absent tokens), untouched until the slab is computed so that the loads stay in flight. Whole
-    // words, one load per token: ptxas packed 16-bit ones in pairs right after their loads (to free
-    // registers), so every slab waited for the prefetch of the next one.
-    uint32_t scale[4][SW], zero[4][SW];
+    // fp16 bits of tokens g and g + 8's value scale and zero per value group (P's factors in S's
+    // layout), two groups to a word (0 for absent tokens), untouched until the slab is computed so
+    // that the loads stay in flight. Whole words, one load per token: ptxas packed 16-bit ones in
+    // pairs right after their loads (to free registers), so every slab waited for the next one's.
+    uint32_t scale[2][SW], zero[2][SW];
   };
+
+  // For the no-loads ablation: hides from the compiler that the slab's loads stay the same, so that it
+  // unpacks them every slab as the real loop does (not once, out of the loop, in registers it lacks).
+  __device__ __forceinline__ static void opaque(Loads& x) {
+    uint32_t* words = reinterpret_cast<uint32_t*>(&x);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(Loads) / 4); ++i) asm volatile("" : "+r"(words[i]));
+  }
 
   // One token's VG value scales (or zeros) as SW words, or zeros.
   __device__ __forceinline__ static void load_halves(uint32_t (&w)[SW], const __half* p, bool valid) {
@@ -307,7 +320,7 @@ struct Warp {
 
   __device__ __forceinline__ static int slot_token(int t, int k) { return 2 * t + (k & 1) + 8 * (k >> 1); }
 
-  // Where the lane reads a slab: key codes of token g, value codes and value scales of token 2t (the
+  // Where the lane reads a slab: key codes and value scales of token g, value codes of token 2t (the
   // other tokens at constant offsets); moved 16 tokens per slab, so the loop does no 64-bit index
   // arithmetic.
   struct Cursor {
@@ -318,7 +331,7 @@ struct Warp {
   __device__ __forceinline__ Cursor cursor(int64_t head, int64_t tok0, const Args& a) const {
     const int64_t row0 = head * a.packed_len + tok0;
     return {a.key_codes + (row0 + g) * P + t * (P / 4), a.value_codes + (row0 + 2 * t) * P + g * VBYTES,
-            a.value_scale + (row0 + 2 * t) * VG, a.value_zero + (row0 + 2 * t) * VG};
+            a.value_scale + (row0 + g) * VG, a.value_zero + (row0 + g) * VG};
   }
 
   __device__ __forceinline__ static void advance(Cursor& c) {
@@ -350,52 +363,50 @@ struct Warp {
   template <bool WHOLE>
   __device__ __forceinline__ void load(Loads& x, const Cursor& c, int valid = 16) const {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) load_words(x.k[nt], c.key + 8 * nt * P, WHOLE || 8 * nt + g < valid);
+    for (int h = 0; h < 2; ++h) {
+      const bool exists = WHOLE || 8 * h + g < valid;
+      load_words(x.k[h], c.key + 8 * h * P, exists);
+      load_halves(x.scale[h], c.value_scale + 8 * h * VG, exists);
+      load_halves(x.zero[h], c.value_zero + 8 * h * VG, exists);
+    }
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int from_2t = (k & 1) + 8 * (k >> 1);
-      const bool exists = WHOLE || slot_token(t, k) < valid;
-      load_words(x.v[k], c.value + from_2t * P, exists);
-      load_halves(x.scale[k], c.value_scale + from_2t * VG, exists);
-      load_halves(x.zero[k], c.value_zero + from_2t * VG, exists);
+    for (int k = 0; k < 4; ++k)
+      load_words(x.v[k], c.value + ((k & 1) + 8 * (k >> 1)) * P, WHOLE || slot_token(t, k) < valid);
+  }
+
+  // The scores S of one 16-token slab of the packed store, from its loads: they start from the key
+  // group's bias, so that the next group's setup may follow at once.
+  template <int ABLATE = kKeepAll>
+  __device__ __forceinline__ void scores(const Loads& x, float (&s)[4]) const {
+    s[0] = s[2] = bias[0], s[1] = s[3] = bias[1];
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS && !(ABLATE & kNoKeys); ++kk) {
+      const uint32_t w = plane<BITS>(x.k[0][kk % KWORDS], kk / KWORDS), w8 = plane<BITS>(x.k[1][kk % KWORDS], kk / KWORDS);
+      mma_s(s, kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362), prmt(w8, Op::kHighBytes, 0x5140),
+            prmt(w8, Op::kHighBytes, 0x7362));
     }
   }
 
-  // The scores S^T of one 16-token slab of the packed store, from its loads: row g's start from the
-  // key group's bias (the padding row's from 0), so that the next group's setup may follow at once.
+  // The rest of a slab: softmax of its scores s (row 2t + e sees visible[e] tokens), then O^T += V^T P^T.
   template <int ABLATE = kKeepAll>
-  __device__ __forceinline__ void scores(const Loads& x, float (&s)[2][4]) const {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) s[nt][0] = s[nt][1] = bias, s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < 2 && !(ABLATE & kNoKeys); ++nt)
-#pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const uint32_t w = plane<BITS>(x.k[nt][kk % KWORDS], kk / KWORDS);
-        mma_s(s[nt], kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362));
-      }
-  }
-
-  // The rest of a slab: softmax of its scores s (row g sees `visible` tokens), then O^T += V^T P^T.
-  template <int ABLATE = kKeepAll>
-  __device__ __forceinline__ void finish_slab(const Loads& x, float (&s)[2][4], int visible) {
+  __device__ __forceinline__ void finish_slab(const Loads& x, float (&s)[4], const int (&visible)[2]) {
     if constexpr (!(ABLATE & kNoSoftmax)) softmax(s, visible);
-    if constexpr (ABLATE & kNoValues) o[0][0] += s[0][0] + s[1][0];  // the scores stay live
+    if constexpr (ABLATE & kNoValues) o[0][0] += s[0] + s[1];  // the scores stay live
     else values_slab(x, s);
   }
 
-  // O^T += V^T P^T for one slab, from its value codes and scales and the softmax weights s (row g).
-  __device__ __forceinline__ void values_slab(const Loads& x, const float (&s)[2][4]) {
+  // O^T += V^T P^T for one slab, from its value codes and scales and the softmax weights s (S's layout).
+  __device__ __forceinline__ void values_slab(const Loads& x, const float (&s)[4]) {
     uint32_t pb[VG][2];  // P^T times the value scales of each value group
 #pragma unroll
     for (int j = 0; j < VG; ++j) {
-      float f[4], add[4];
+      float f[2], add[2];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        f[k] = half_of(x.scale[k], j);
-        add[k] = half_of(x.zero[k], j);
+      for (int h = 0; h < 2; ++h) {
+        f[h] = half_of(x.scale[h], j);
+        add[h] = half_of(x.zero[h], j);
       }
-      zsum[j] += p_fragment(pb[j], s, f, add, true);
+      p_fragment(pb[j], s, f, add, zsum[j], true);
     }
     // Bytes j, j + 1 of a token pair's words side by side ([2t: j, 2t+1: j, 2t: j+1, 2t+1: j+1]), once
     // for all planes: a plane of it then becomes two operand words by one prmt each (as on the key side).
@@ -421,10 +432,10 @@ struct Warp {
     }
   }
 
-  // How many tokens of the residual window row g sees (its query is token g % q_len of the newest
-  // q_len; fewer than none when the queries reach back into the packed store).
-  __device__ __forceinline__ int residual_seen(const Args& a) const {
-    return static_cast<int>(a.residual_len - a.q_len) + g % a.q_len + 1;
+  // How many tokens of the residual window row 2t + e sees (its query is token (2t + e) % q_len of the
+  // newest q_len; fewer than none when the queries reach back into the packed store).
+  __device__ __forceinline__ int residual_seen(const Args& a, int e) const {
+    return static_cast<int>(a.residual_len - a.q_len) + (2 * t + e) % a.q_len + 1;
   }
 
   // One 16-token slab of the full-precision residual window (tokens tok0 .., `valid` exist).
@@ -432,22 +443,27 @@ struct Warp {
                                                 const Args& a) {
     const T* keys = rk + (head * a.residual_len + tok0) * D;
     const T* values = rv + (head * a.residual_len + tok0) * D;
-    float s[2][4] = {};
+    float s[4] = {};
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const int tok = 8 * nt + g;
+    for (int kk = 0; kk < KSTEPS; ++kk) {
+      uint32_t k[2][2];  // tokens g, g + 8 x k positions 2t, 2t + 1 | 2t + 8, 2t + 9
 #pragma unroll
-      for (int kk = 0; kk < KSTEPS; ++kk) {
-        const T* k = keys + tok * D + key_channel(kk, t, 0);
-        const uint32_t b0 = tok < valid ? __ldg(reinterpret_cast<const uint32_t*>(k)) : 0u;
-        const uint32_t b1 = tok < valid ? __ldg(reinterpret_cast<const uint32_t*>(k + 2)) : 0u;
-        mma_s(s[nt], kk, b0, b1);
-      }
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const T* at = keys + (g + 8 * h) * D + key_channel(kk, t, 2 * w);
+          k[h][w] = g + 8 * h < valid ? __ldg(reinterpret_cast<const uint32_t*>(at)) : 0u;
+        }
+      mma_s(s, kk, k[0][0], k[0][1], k[1][0], k[1][1]);
     }
-    softmax(s, min(valid, max(residual_seen(a) - tok0, 0)));
-    const float ones[4] = {1.f, 1.f, 1.f, 1.f};
+    int visible[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) visible[e] = min(valid, max(residual_seen(a, e) - tok0, 0));
+    softmax(s, visible);
+    const float ones[2] = {1.f, 1.f};
+    float unused[2];
     uint32_t pb[2];
-    p_fragment(pb, s, ones, ones, false);
+    p_fragment(pb, s, ones, ones, unused, false);
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm) {
       uint32_t frag[4];
@@ -470,24 +486,22 @@ struct Warp {
 
   // This warp's (max, sum, output) of the real rows into m_out[row], l_out[row], acc_out[row * D + c].
   __device__ __forceinline__ void store(float* m_out, float* l_out, float* acc_out, const Args& a) {
-    l += __shfl_xor_sync(kFullMask, l, 1);
-    l += __shfl_xor_sync(kFullMask, l, 2);
-    float z[2][VG];  // zsum of O^T's query rows 2t, 2t + 1 (from quads 2t, 2t + 1)
 #pragma unroll
-    for (int j = 0; j < VG; ++j) {
-      zsum[j] += __shfl_xor_sync(kFullMask, zsum[j], 1);
-      zsum[j] += __shfl_xor_sync(kFullMask, zsum[j], 2);
-      z[0][j] = __shfl_sync(kFullMask, zsum[j], 8 * t);
-      z[1][j] = __shfl_sync(kFullMask, zsum[j], 8 * t + 4);
-    }
-    if (g < a.rows && t == 0) m_out[g] = m, l_out[g] = l;
+    for (int lanes = 4; lanes < kWarp; lanes *= 2)  // the sums over tokens g, g + 8 of every g
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        l[e] += __shfl_xor_sync(kFullMask, l[e], lanes);
+#pragma unroll
+        for (int j = 0; j < VG; ++j) zsum[j][e] += __shfl_xor_sync(kFullMask, zsum[j][e], lanes);
+      }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
       const int row = 2 * t + e;
       if (row >= a.rows) continue;
+      if (g == 0) m_out[row] = m[e], l_out[row] = l[e];
 #pragma unroll
       for (int mm = 0; mm < MTILES; ++mm) {
-        const float zi = z[e][mm / (VBYTES / 2) / GROUP_PLANES];  // the value group of the tile's plane
+        const float zi = zsum[mm / (VBYTES / 2) / GROUP_PLANES][e];  // the value group of the tile's plane
 #pragma unroll
         for (int r = 0; r < 2; ++r) acc_out[row * D + out_channel(mm, g + 8 * r)] = o[mm][2 * r + e] + zi;
       }
@@ -561,9 +575,10 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int slabs = (len + 15) / 16, per_warp = (slabs + kWarps - 1) / kWarps;
   const int first = warp * per_warp, end = min(slabs, first + per_warp);
   const auto valid = [&](int sl) { return min(16, len - 16 * sl); };
-  const auto visible = [&](int sl) {  // row g's tokens of slab sl: all, unless its query reaches back here
+  const auto visible = [&](int sl, int e) {  // row 2t + e's tokens of slab sl: all, unless its query reaches back
     if (a.residual_len >= a.q_len) return valid(sl);
-    return static_cast<int>(min(int64_t{valid(sl)}, max(a.packed_len + w.residual_seen(a) - t0 - 16 * sl, int64_t{0})));
+    return static_cast<int>(
+        min(int64_t{valid(sl)}, max(a.packed_len + w.residual_seen(a, e) - t0 - 16 * sl, int64_t{0})));
   };
   typename Warp<T, BITS, D, VG>::Loads cur, next;
   auto at = w.cursor(head, t0 + 16 * first, a);
@@ -589,7 +604,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     w.template set_group<true>(buffer(group), buffer(group) + D);
   };
   const auto compute = [&](int sl) {  // slab `sl`, from `cur`
-    float s[2][4];
+    float s[4];
     w.template scores<ABLATE>(cur, s);
     // The next slab's key group is set up between this slab's scores and the rest of its work, which
     // does not depend on it: the setup's latency overlaps this slab's softmax and P V.
@@ -597,7 +612,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
       ++group, group_end += a.group;
       start_group();
     }
-    w.template finish_slab<ABLATE>(cur, s, visible(sl));
+    const int seen[2] = {visible(sl, 0), visible(sl, 1)};
+    w.template finish_slab<ABLATE>(cur, s, seen);
   };
   if (first < end) start_group();
 #pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
@@ -608,7 +624,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
       w.prefetch_next(prefetch, a.l2_prefetch && sl + 2 < whole_end);
     }
     compute(sl);
-    if constexpr (!(ABLATE & kNoLoads)) cur = next;
+    if constexpr (ABLATE & kNoLoads) w.opaque(cur);
+    else cur = next;
   }
   if (whole_end < end) {  // the partial slab, loaded after the loop so that the loop's loads need no predicates
     if (whole_end > first) w.advance(at);

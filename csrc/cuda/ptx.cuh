@@ -38,6 +38,19 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t select
   return d;
 }
 
+// The transpose of an 8 x 8 matrix of 16-bit elements held as mma fragments (lane l: row l / 4,
+// columns 2 (l % 4) and + 1): the lane's pair of the transpose (movmatrix).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // only the sm_80+ tensor-core kernels use it
+  return x;
+#else
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+#endif
+}
+
 // Asks L2 for the line holding p: no register, no wait.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 

@@ -317,6 +317,18 @@ inline uint32_t prmt(uint32_t a, uint32_t b, uint32_t selector) {
   return d;
 }
 
+inline uint32_t movmatrix_trans(uint32_t x) {
+  const uint32_t word[1] = {x};
+  int parity;
+  const auto* warp = host_warps::warp_exchange(word, parity);
+  const auto element = [&](int row, int column) {  // of the source matrix
+    const uint32_t reg = warp[row * 4 + column / 2].slot[parity][0];
+    return column % 2 ? reg >> 16 : reg & 0xffff;
+  };
+  const int lane = host_warps::block->current % kWarp, row = lane / 4, column = 2 * (lane % 4);
+  return element(column, row) | element(column + 1, row) << 16;
+}
+
 inline void prefetch_l2(const void* p) {
   if (!host_warps::readable(p, 1)) host_warps::fail("L2 prefetch outside every buffer");
 }
