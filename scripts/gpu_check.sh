@@ -11,7 +11,7 @@
 # profile of LoRA and KV decode (PROFILE_SECONDS, default 60; 0 skips it). OUTDIR receives at most
 # eight flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json
 # (our results, written after each benchmark, so a cut-short run keeps what it measured), report.md,
-# kv-probe.log and profile.log.
+# kv-probe.log and profile.log; then kv-probe-<sha>.log per earlier KV binary in prebuilt/baseline-*.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
 # TESTS="a.py b.py" runs those test files only (default: all of tests/); TEST_SECONDS=n gives them n
 # seconds (default: up to 150, leaving the benchmarks two minutes).
@@ -146,6 +146,24 @@ if [ "${PROFILE_SECONDS:-60}" -gt 0 ]; then
     >"$OUT/profile.log" 2>&1
   echo "profile rc=$?"
   grep -E "per call$" "$OUT/profile.log" | head -n 20
+fi
+
+# The same probe (--cuda-only) with each earlier build's KV binary kept in prebuilt/baseline-<sha>/
+# (KV_BASELINES, default all of them; KV_BASELINE_SECONDS each, default 25; 0 skips): before and
+# after on one machine, from a copy of the package with that binary (kv-probe-<sha>.log).
+if [ "${KV_BASELINE_SECONDS:-25}" -gt 0 ]; then
+  for dir in ${KV_BASELINES:-$(ls -d prebuilt/baseline-* 2>/dev/null)}; do
+    [ -d "$dir" ] || dir="prebuilt/baseline-$dir"
+    sha=${dir##*/baseline-}
+    copy=$(mktemp -d)
+    cp -r engram_kernels "$copy/" && cp "$dir"/_C_kvcache_cuda*.so "$copy/engram_kernels/" || continue
+    stage "KV decode probe with $dir (limit ${KV_BASELINE_SECONDS:-25}s, log: kv-probe-$sha.log)"
+    PYTHONPATH="$copy" timeout -k 5 "${KV_BASELINE_SECONDS:-25}" python3 scripts/kv_decode_probe.py --cuda-only \
+      >"$OUT/kv-probe-$sha.log" 2>&1
+    echo "probe rc=$?"
+    grep -E "^context|max \|" "$OUT/kv-probe-$sha.log" | head -n 8
+    rm -rf "$copy"
+  done
 fi
 
 echo

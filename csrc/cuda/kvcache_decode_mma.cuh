@@ -1,22 +1,25 @@
 // Decode attention from the packed KV cache on tensor cores (mma.sync m16n8k16, sm_80+), for 16-bit
 // queries. Included by kvcache.cu, whose split-K partials and merge kernel it shares.
 //
-// Each warp walks 16-token slabs of its block's split and computes S^T = Q K^T (query rows x 16
-// tokens: two 16x8 C tiles) and O += P V (query rows x D), so outside the mma no lane works on a
-// padding row. The order of the mma's k index is free, so it follows the bytes of the planar
-// layout: for S a lane loads one token's P/4 contiguous bytes and each 32-bit word of them is one
-// k-step of B per bit plane; for P V a lane loads P/8 contiguous bytes of four tokens and byte q of
-// plane i is output column (channel) i*P + lane_row*P/8 + q. A code becomes an operand by and, prmt
-// (and an or on the value side): it is placed under a constant high byte, so the 16-bit value reads
-// MAGIC + code (bf16 128, fp16 1024); MAGIC times each row's operand sum is subtracted once. Key
-// scales fold into the queries once per group, value scales into the softmax weights per token
-// (which needs every value group to cover whole bit planes); zero points add as row constants.
-// A warp issues the next slab's loads (predicated, into registers nothing reads until that slab is
-// computed) before computing the current one, from pointers it advances instead of recomputing, and
-// asks L2 for the slab after that (prefetch: no registers). The query rows sit in shared memory, and a
-// key group's scale and zero rows are copied there (cp.async) when the group before it starts, so that
-// a group's setup does not wait on global memory; the setup runs between the scores of the slab
-// before it and that slab's softmax and P V, so that its latency overlaps them.
+// Each warp walks 16-token slabs of its block's split and computes S = K Q^T (16 tokens x up to 8
+// query rows: one m16n8 C tile per k-step, the queries as B, so no operand holds padding rows) and
+// O^T += V^T P^T (D x query rows), P^T's operand made from S's layout by movmatrix. The order of the
+// mma's k index is free, so it follows the bytes of the planar layout: for S a lane loads one
+// token's P/4 contiguous bytes and each 32-bit word of them is one k-step of A per bit plane; for
+// P V a lane loads P/8 contiguous bytes of four tokens and byte q of plane i is output column
+// (channel) i*P + lane_row*P/8 + q. A code becomes an operand by prmt: it is placed under a
+// constant high byte, so the 16-bit value reads MAGIC + code (bf16 128, fp16 1024); MAGIC times each
+// row's operand sum is subtracted once. Key scales fold into the queries once per group, value
+// scales into the softmax weights per token (which needs every value group to cover whole bit
+// planes); zero points add as row constants.
+// A warp issues the next slab's loads (into registers nothing reads until that slab is computed)
+// before computing the current one, from pointers it advances instead of recomputing, and asks L2
+// for the slab after that (prefetch: no registers); a split's partial last slab is loaded after the
+// loop, so the loop's loads need no predicates. The query rows sit in shared memory (as floats
+// times the softmax scale), and a key group's scale and zero rows are copied there (cp.async) when
+// the group before it starts, so that a group's setup does not wait on global memory; the setup
+// runs between the scores of the slab before it and that slab's softmax and P V, so that its
+// latency overlaps them.
 #pragma once
 
 #ifdef ENGRAM_HOST_WARPS  // compiled for a CPU by the emulator the tests run (csrc/emulation)
