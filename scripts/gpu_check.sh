@@ -8,10 +8,11 @@
 # Finishes within about 7 + 2.5 minutes: every stage has a timeout, the benchmarks get whatever time
 # is left of the first 7, and a failed stage does not stop the later ones; then the KV decode probe
 # (KV_PROBE_SECONDS, default 90; 0 skips it; KV_PROBE_ARGS are its arguments) and the per-kernel
-# profile of LoRA and KV decode (PROFILE_SECONDS, default 60; 0 skips it). OUTDIR receives at most
+# profile of LoRA and KV decode (PROFILE_SECONDS, default 60; 0 skips it), and the probe with each
+# earlier KV binary in prebuilt/baseline-* (KV_BASELINE_SECONDS each, default 25). OUTDIR receives at most
 # eight flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json
 # (our results, written after each benchmark, so a cut-short run keeps what it measured), report.md,
-# kv-probe.log and profile.log; then kv-probe-<sha>.log per earlier KV binary in prebuilt/baseline-*.
+# kv-probe.log and profile.log, then one kv-probe-<sha>.log per earlier KV binary.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
 # TESTS="a.py b.py" runs those test files only (default: all of tests/); TEST_SECONDS=n gives them n
 # seconds (default: up to 150, leaving the benchmarks two minutes).

@@ -1,6 +1,7 @@
 // Runs CUDA kernel source on a CPU, for machines without a GPU: every thread of a block is a fiber
-// (ucontext) on one OS thread, and a warp-wide operation (shuffle, vote, mma.sync, ldmatrix) or __syncthreads
-// parks its thread until every thread it waits for has arrived; then each reads the others' values.
+// (ucontext) on one OS thread, and a warp-wide operation (shuffle, vote, mma.sync, movmatrix,
+// ldmatrix) or __syncthreads parks its thread until every thread it waits for has arrived; then each
+// reads the others' values.
 // Blocks run one after another, so a kernel's __shared__ arrays are plain statics.
 //
 // What it checks beyond the results: every __ldg, cp.async source and L2 prefetch address against the
