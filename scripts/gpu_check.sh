@@ -9,8 +9,8 @@
 # is left of the first 7, and a failed stage does not stop the later ones; then the KV decode probe
 # (KV_PROBE_SECONDS, default 90; 0 skips it; KV_PROBE_ARGS are its arguments) and the per-kernel
 # profile of LoRA and KV decode (PROFILE_SECONDS, default 60; 0 skips it), and the probe with each
-# earlier KV binary in prebuilt/baseline-* (KV_BASELINE_SECONDS each, default 25). OUTDIR receives at most
-# eight flat files: build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json
+# earlier KV binary in prebuilt/baseline-* (KV_BASELINE_SECONDS each, default 25). OUTDIR receives
+# flat files only: build.log, tests.log, bench.log, bench.json (pytest-benchmark), <device>-<date>.json
 # (our results, written after each benchmark, so a cut-short run keeps what it measured), report.md,
 # kv-probe.log and profile.log, then one kv-probe-<sha>.log per earlier KV binary.
 # ENGRAM_GIT_COMMIT=<sha> records the commit where the copied checkout has no .git.
