@@ -384,9 +384,10 @@ struct Warp {
     s[0] = s[2] = bias[0], s[1] = s[3] = bias[1];
 #pragma unroll
     for (int kk = 0; kk < KSTEPS && !(ABLATE & kNoKeys); ++kk) {
-      const uint32_t w = plane<BITS>(x.k[0][kk % KWORDS], kk / KWORDS), w8 = plane<BITS>(x.k[1][kk % KWORDS], kk / KWORDS);
-      mma_s(s, kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362), prmt(w8, Op::kHighBytes, 0x5140),
-            prmt(w8, Op::kHighBytes, 0x7362));
+      const uint32_t w = plane<BITS>(x.k[0][kk % KWORDS], kk / KWORDS);  // token g
+      const uint32_t w8 = plane<BITS>(x.k[1][kk % KWORDS], kk / KWORDS);  // token g + 8
+      mma_s(s, kk, prmt(w, Op::kHighBytes, 0x5140), prmt(w, Op::kHighBytes, 0x7362),
+            prmt(w8, Op::kHighBytes, 0x5140), prmt(w8, Op::kHighBytes, 0x7362));
     }
   }
 
@@ -419,7 +420,8 @@ struct Warp {
 #pragma unroll
       for (int bp = 0; bp < VBYTES / 2; ++bp) {
         const uint32_t j = 2 * bp % 4;
-        pairs[h][bp] = prmt(x.v[2 * h][bp / 2], x.v[2 * h + 1][bp / 2], j | (j + 4) << 4 | (j + 1) << 8 | (j + 5) << 12);
+        const uint32_t selector = j | (j + 4) << 4 | (j + 1) << 8 | (j + 5) << 12;
+        pairs[h][bp] = prmt(x.v[2 * h][bp / 2], x.v[2 * h + 1][bp / 2], selector);
       }
 #pragma unroll
     for (int mm = 0; mm < MTILES; ++mm) {
@@ -565,7 +567,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   ENGRAM_DYNAMIC_SHARED(shared);
   float* query_rows = reinterpret_cast<float*>(shared);
-  __half* key_rows = reinterpret_cast<__half*>(query_rows + kMaxRows * D) + warp * 4 * D;  // this warp's 2 x (scale, zero)
+  // this warp's 2 x (scale, zero) rows
+  __half* key_rows = reinterpret_cast<__half*>(query_rows + kMaxRows * D) + warp * 4 * D;
   for (int i = threadIdx.x; i < kMaxRows * D; i += kWarps * kWarp)  // read by every key group's setup
     query_rows[i] = i < a.rows * D ? static_cast<float>(query[head * a.rows * D + i]) * a.scale : 0.f;
   Warp<T, BITS, D, VG> w;
@@ -594,7 +597,8 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   // Key groups are whole slabs and splits whole groups' multiples of 16 tokens: the loop meets them in turn.
   int64_t group = first < end ? (t0 + 16 * first) / a.group : 0;
   int group_end = static_cast<int>((group + 1) * a.group - t0);  // the next group's first token
-  const int whole_end = max(first, min(end, len / 16));  // the loop's slabs are whole; a split's partial last one follows
+  // The loop's slabs are whole; a split's partial last slab follows it.
+  const int whole_end = max(first, min(end, len / 16));
   if (first < whole_end) w.template load<true>(cur, at);
   if (first < end) stage(group);
   else ptx::cp_async_commit();
