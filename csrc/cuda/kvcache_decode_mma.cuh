@@ -594,7 +594,7 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     const int64_t rows = (head * a.n_groups + group) * D;
     w.stage_group(buffer(group), a.key_scale + rows, a.key_zero + rows);
   };
-  // Key groups are whole slabs and splits whole groups' multiples of 16 tokens: the loop meets them in turn.
+  // Key groups are whole slabs and a split starts on a slab: the loop meets its groups one after another.
   int64_t group = first < end ? (t0 + 16 * first) / a.group : 0;
   int group_end = static_cast<int>((group + 1) * a.group - t0);  // the next group's first token
   // The loop's slabs are whole; a split's partial last slab follows it.
