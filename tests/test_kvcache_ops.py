@@ -298,6 +298,8 @@ def no_kernel_may_run(monkeypatch):
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8), 2, 4, clip=0), ValueError, r"clip must be a number in \(0, 1\]"),
     (lambda: quantize_kv(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), 2, 4, key_clip=1.5), ValueError,
      "clip must be"),
+    (lambda: quantize_kv(torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8), 4, 4), ValueError,
+     r"keys \(1, 2, 4, 8\) and values \(1, 1, 4, 8\) must have the same"),
     (lambda: quantize_keys(torch.randn(1, 1, 4, 8).double(), 4, 4), TypeError, "keys must be float32"),
     (lambda: quantize_keys(torch.randn(4, 8), 4, 4), ValueError, "keys must have 4 dimensions"),
     (lambda: quantize_values(torch.full((1, 1, 4, 8), float("nan")), 4, 4), ValueError, "values contains NaN"),
@@ -333,6 +335,7 @@ def _packed(d=8, t=8, h=2, bits=4, g=4):
      "must both be"),
     (lambda p: (torch.randn(1, 4, 1, 8), p._replace(bits=3), None, None), ValueError, "bits must be 2 or 4"),
     (lambda p: (torch.randn(1, 4, 1, 8) * float("inf"), p, None, None), ValueError, "query contains NaN or Inf"),
+    (lambda p: (torch.randn(1, 4, 1, 8), p, None, None, float("nan")), ValueError, "scale must be a finite number"),
 ])
 def test_decode_attention_rejects(make, error, message):
     packed = _packed()

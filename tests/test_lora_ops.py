@@ -315,6 +315,7 @@ def _single_args():
     (dict(bias=torch.randn(11)), ValueError, r"bias must have shape \(out_features,\)=\(10,\)"),
     (dict(lora_b=torch.randn(10)), ValueError, "lora_b must have 2 dimensions"),
     (dict(scale=torch.tensor(1.0)), TypeError, "scale must be a Python number"),
+    (dict(scale=float("inf")), ValueError, "scale must be finite, got inf"),
     (dict(dropout=1.0), ValueError, r"dropout must be a float in \[0, 1\)"),
     (dict(x=[[1.0] * 8]), TypeError, "x must be a torch.Tensor"),
 ])
@@ -341,6 +342,7 @@ def _multi_args():
     (dict(x=torch.randn(6, 8).half()), TypeError, "one dtype"),
     (dict(adapter_ids=[0, 1, 2, 0, 1, 2]), TypeError, "adapter_ids must be an int64 or int32 tensor, got <class"),
     (dict(scales=torch.ones(3, requires_grad=True)), ValueError, "scales must not require grad"),
+    (dict(scales=torch.tensor([1.0, float("nan"), 1.0])), ValueError, "scales contains NaN or Inf"),
 ])
 def test_lora_linear_multi_rejects(no_kernel_may_run, change, error, message):
     with pytest.raises(error, match=message):
@@ -350,6 +352,8 @@ def test_lora_linear_multi_rejects(no_kernel_may_run, change, error, message):
 def test_merge_rejects_mismatched_adapter():
     with pytest.raises(ValueError, match="needs lora_a"):
         merge_lora(torch.randn(10, 8), torch.randn(2, 8), torch.randn(10, 3))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        merge_lora(torch.randn(10, 8), torch.randn(2, 8), torch.randn(10, 2), float("nan"))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -51,6 +51,21 @@ def check_quantize(op, x, bits, group_size, check_values=True):
     check_format(op, x.shape[-1], bits, group_size, values=not keys)
 
 
+def check_kv_pair(op, keys, values):
+    """The two halves of one cache: same (B, H, T, D) and device (each half's own checks follow)."""
+    if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+        return  # quantize_keys / quantize_values name the culprit
+    if keys.shape != values.shape:
+        _fail(op, f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same (B, H, T, D)")
+    check_same_device(op, keys=keys, values=values)
+
+
+def check_scale(op, scale):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        _fail(op, f"scale must be a finite number or None (D**-0.5), got {scale!r}")
+
+
 def check_clip(op, clip):
     if not isinstance(clip, (int, float)) or not 0 < clip <= 1:
         raise ValueError(f"{op}: clip must be a number in (0, 1], got {clip!r}")

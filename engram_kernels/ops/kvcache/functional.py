@@ -131,6 +131,7 @@ def dequantize_values(codes, scale, zero, bits=4, group_size=64, dtype=torch.flo
 
 def quantize_kv(keys, values, bits=4, group_size=64, check_values=True, key_clip=1.0):
     """Both halves of a cache (B, H, T, D) -> PackedKV."""
+    checks.check_kv_pair("quantize_kv", keys, values)
     return PackedKV(*quantize_keys(keys, bits, group_size, check_values, key_clip),
                     *quantize_values(values, bits, group_size, check_values), bits, group_size)
 
@@ -173,6 +174,7 @@ def decode_attention(query, packed: PackedKV, residual_keys: Optional[Tensor] = 
     in fp32. Returns (B, Hq, Tq, D) in the query's dtype. `scale` defaults to D**-0.5.
     """
     p = packed
+    checks.check_scale("decode_attention", scale)
     checks.check_decode_attention(query, *p.tensors(), residual_keys, residual_values, p.bits, p.group_size,
                                   values_checked(check_values))
     b, _, _, d = query.shape

@@ -1,4 +1,6 @@
 """Input validation, run before any kernel so bad input fails with a clear Python error."""
+import math
+
 import torch
 
 from ..memory.checks import ID_DTYPES, _fail, check_float, check_same_device
@@ -9,6 +11,13 @@ def check_same_dtype(op, **tensors):
     if len(set(dtypes.values())) > 1:
         raise TypeError(f"{op}: all tensors must have one dtype, got "
                         + ", ".join(f"{n} {d}" for n, d in dtypes.items()))
+
+
+def check_scale(op, scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{op}: scale must be a Python number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        _fail(op, f"scale must be finite, got {scale!r}")
 
 
 def check_dropout(op, p, seed):
@@ -43,8 +52,7 @@ def check_lora_linear(x, weight, lora_a, lora_b, scale, bias, p, seed):
     if lora_b.shape != (out_features, lora_a.shape[0]):
         _fail(op, f"rank mismatch: lora_a {tuple(lora_a.shape)} has r={lora_a.shape[0]}, so lora_b must be "
                   f"(out_features, r)=({out_features}, {lora_a.shape[0]}), got {tuple(lora_b.shape)}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a Python number, got {type(scale).__name__}")
+    check_scale(op, scale)
     check_dropout(op, p, seed)
 
 
@@ -75,8 +83,20 @@ def check_lora_linear_multi(x, weight, lora_a, lora_b, scales, adapter_ids, bias
     if adapter_ids.shape != x.shape[:-1]:
         _fail(op, f"adapter_ids must have x's leading shape {tuple(x.shape[:-1])} (one id per row), "
                   f"got {tuple(adapter_ids.shape)}")
-    if check_values and rows:
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+    if check_values:
+        _check_multi_values(op, scales, adapter_ids if rows else None, n_adapters)
+
+
+def _check_multi_values(op, scales, adapter_ids, n_adapters):
+    """Finite scales and ids in range, read back in one transfer (one device sync per call)."""
+    stats = [scales.double().sum()]  # fp32 scales cannot overflow a float64 sum: non-finite iff one is
+    if adapter_ids is not None:
+        stats += [adapter_ids.min().double(), adapter_ids.max().double()]
+    total, *ids_range = torch.stack(stats).tolist()
+    if not math.isfinite(total):
+        _fail(op, "scales contains NaN or Inf")
+    if ids_range:
+        lo, hi = int(ids_range[0]), int(ids_range[1])
         if lo < -1 or hi >= n_adapters:
             raise IndexError(f"{op}: adapter_ids must lie in [-1, {n_adapters}) (-1: no adapter), "
                              f"found values in [{lo}, {hi}]")
@@ -90,5 +110,4 @@ def check_merge(op, weight, lora_a, lora_b, scale):
     if lora_a.shape[1] != weight.shape[1] or lora_b.shape != (weight.shape[0], lora_a.shape[0]):
         _fail(op, f"weight {tuple(weight.shape)} needs lora_a (r, {weight.shape[1]}) and lora_b "
                   f"({weight.shape[0]}, r); got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
-    if not isinstance(scale, (int, float)):
-        raise TypeError(f"{op}: scale must be a Python number, got {type(scale).__name__}")
+    check_scale(op, scale)
