@@ -8,9 +8,12 @@ runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton b
 
 --cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
 times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off
-and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k). --ablation times the
-timing-only builds of the tensor-core kernel with parts of its work left out (engram_kernels.
-_C_kvcache_ablation, which scripts/prebuild_gpu_extensions.sh builds) at 128k: where its time goes.
+and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k, and at 32k the merge
+kernel launched after the decode grid instead of as its programmatic dependent, ENGRAM_KV_PDL=0), after the `cuda` backend
+and SDPA at contexts from 1k to 128k (the time that does not grow with the context, by a straight
+line). --ablation times the timing-only builds of the tensor-core kernel with parts of its work left
+out (engram_kernels._C_kvcache_ablation, which scripts/prebuild_gpu_extensions.sh builds) at 32k and
+128k: where its time goes.
 """
 import contextlib
 import os
@@ -90,17 +93,39 @@ def sweep():
              "group 256": {"group": 256}, "batch 4 x 32k": {"batch": 4, "context": 32768},
              "1 query row per KV head": {"q_heads": 8}, "8 query rows per KV head": {"q_heads": 64},
              "no residual window": {"residual": 0}, "no L2 prefetch": {}, "fused merge": {},
-             "32k": {"context": 32768}, "32k, fused merge": {"context": 32768}}
+             "32k": {"context": 32768}, "32k, fused merge": {"context": 32768},
+             "32k, merge kernel launched after the decode grid": {"context": 32768}}
     switches = {"no L2 prefetch": {"ENGRAM_KV_L2_PREFETCH": "0"}, "fused merge": {"ENGRAM_KV_MERGE": "fused"},
-                "32k, fused merge": {"ENGRAM_KV_MERGE": "fused"}}
+                "32k, fused merge": {"ENGRAM_KV_MERGE": "fused"},
+                "32k, merge kernel launched after the decode grid": {"ENGRAM_KV_PDL": "0"}}
+    defaults = {"ENGRAM_KV_L2_PREFETCH": "1", "ENGRAM_KV_MERGE": "kernel", "ENGRAM_KV_PDL": "1"}
     for name, change in cases.items():
-        with environment(**{"ENGRAM_KV_L2_PREFETCH": "1", "ENGRAM_KV_MERGE": "kernel", **switches.get(name, {})}):
+        with environment(**{**defaults, **switches.get(name, {})}):
             ms, megabytes = cuda_gpu_ms(**{"context": 131072, **change})
         print(f"  sweep {name}: GPU time alone {ms:.4f} ms ({megabytes:.1f} MB packed)")
         torch.cuda.empty_cache()
 
 
-def ablation(context=131072):
+def scaling(contexts=(1024, 4096, 16384, 32768, 65536, 131072)):
+    """GPU time of the `cuda` backend and of SDPA against context, and the straight line through the
+    shortest and longest: the part that does not grow with the context (launches, a block's first
+    loads, the merge) against the cost per 1k tokens; at 32k the first decides much of the ratio."""
+    times = {}
+    for context in contexts:
+        query, keys, values, _, _, _ = make_case(context)
+        sdpa = gpu_ms(lambda: F.scaled_dot_product_attention(query, keys, values, enable_gqa=True))
+        del query, keys, values
+        times[context] = (cuda_gpu_ms(context=context)[0], sdpa)
+        print(f"  scaling {context // 1024}k: cuda {times[context][0]:.4f} ms, sdpa {sdpa:.4f} ms "
+              f"({sdpa / times[context][0]:.2f}x)")
+        torch.cuda.empty_cache()
+    short, long = contexts[0], contexts[-1]
+    for i, name in enumerate(("cuda", "sdpa")):
+        per_k = (times[long][i] - times[short][i]) / ((long - short) / 1024)
+        print(f"  scaling {name}: {times[short][i] - per_k * short / 1024:.4f} ms + {per_k * 1e3:.3f} us per 1k tokens")
+
+
+def ablation(contexts=(32768, 131072)):
     """GPU time of each timing-only build of the tensor-core kernel (wrong results by design) against
     the build that does all the work: what leaving each part out saves."""
     try:
@@ -108,12 +133,13 @@ def ablation(context=131072):
     except ImportError as exc:
         print(f"  ablation: no timing-only kernels here ({exc}); scripts/prebuild_gpu_extensions.sh builds them")
         return
-    query, _, _, packed, rk, rv = make_case(context)
-    full = None
-    for name, bits in builds.ABLATIONS.items():
-        ms = gpu_ms(lambda: builds.ablated_decode(bits, query, *packed.tensors(), rk, rv, packed.group_size))
-        full = full or ms
-        print(f"  ablation at {context // 1024}k, {name}: GPU time alone {ms:.4f} ms ({ms - full:+.4f} ms)")
+    for context in contexts:
+        query, _, _, packed, rk, rv = make_case(context)
+        full = None
+        for name, bits in builds.ABLATIONS.items():
+            ms = gpu_ms(lambda: builds.ablated_decode(bits, query, *packed.tensors(), rk, rv, packed.group_size))
+            full = full or ms
+            print(f"  ablation at {context // 1024}k, {name}: GPU time alone {ms:.4f} ms ({ms - full:+.4f} ms)")
 
 
 @contextlib.contextmanager
@@ -153,6 +179,7 @@ if __name__ == "__main__":
     for context in [int(c) for c in args if not c.startswith("--")] or [32768, 131072]:
         probe(context, triton="--cuda-only" not in args)
     if "--sweep" in args:
+        scaling()
         sweep()
     if "--ablation" in args:
         ablation()

@@ -65,10 +65,11 @@ def _checked(error, *outputs):
 
 
 def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale, tokens_per_split,
-                  n_splits=None, l2_prefetch=True):
+                  n_splits=None, l2_prefetch=True, fused_merge=True):
     """Runs the tensor-core decode kernel over the packed cache (a PackedKV on the CPU); its last
-    block per head merges the split-K partials. n_splits None: as plan_splits makes them, the
-    residual window's split after the packed ones; given: the last split also holds packed tokens."""
+    block per head merges the split-K partials (fused_merge), or the merge kernel after it. n_splits
+    None: as plan_splits makes them, the residual window's split after the packed ones; given: the
+    last split also holds packed tokens."""
     b, hq, q_len, d = query.shape
     _, hkv, packed_len, _ = packed.key_codes.shape
     heads, rows, residual_len = b * hkv, hq // hkv * q_len, residual_keys.shape[2]
@@ -85,7 +86,7 @@ def kv_decode_mma(library, query, packed, residual_keys, residual_values, scale,
                 ctypes.c_int(rows), ctypes.c_int(q_len), ctypes.c_int(packed.group_size), ctypes.c_float(scale),
                 ctypes.c_int64(tokens_per_split), ctypes.c_int(n_splits), ctypes.c_int(l2_prefetch),
                 *map(_pointer, inputs), _pointer(part_m), _pointer(part_l), _pointer(part_acc), _pointer(out),
-                _pointer(done), *_readable(inputs + [part_m, part_l, part_acc]))
+                _pointer(done) if fused_merge else None, *_readable(inputs + [part_m, part_l, part_acc]))
     (out,) = _checked(error, out)
     assert not done.any(), "the kernel left its split counters set"
     return out.view(b, hq, q_len, d)

@@ -1,7 +1,7 @@
 """The CUDA tensor-core decode kernel (csrc/cuda/kvcache_decode_mma.cuh) run on this CPU by the host
 warp emulator (csrc/emulation) against the reference: its fragment layouts, bit tricks, splits,
-residual window and key-group staging, and the merge of the splits by each head's last block (what
-ENGRAM_KV_MERGE=fused runs on a GPU), plus its reads (every address inside an input) and its warp
+residual window and key-group staging, and the merge of the splits by the merge kernel (the GPU default)
+or by each head's last block (what ENGRAM_KV_MERGE=fused runs on a GPU), plus its reads (every address inside an input) and its warp
 operations (reached by every lane). Needs only g++; a GPU run tests the same source compiled by nvcc."""
 import os
 
@@ -38,11 +38,12 @@ def _inputs(b, hq, hkv, q_len, d, packed_len, residual_len, bits, group, dtype, 
     return query, packed, residual[0], residual[1]
 
 
-def _check(library, shape, layout, dtype, tokens_per_split, n_splits=None, l2_prefetch=True, seed=0):
+def _check(library, shape, layout, dtype, tokens_per_split, n_splits=None, l2_prefetch=True, seed=0,
+           fused_merge=False):
     (b, hq, hkv, q_len, packed_len, residual_len), (bits, d, group) = shape, layout
     query, packed, rk, rv = _inputs(b, hq, hkv, q_len, d, packed_len, residual_len, bits, group, dtype, seed)
     out = host_cuda.kv_decode_mma(library, query, packed, rk, rv, d ** -0.5, tokens_per_split, n_splits,
-                                  l2_prefetch)
+                                  l2_prefetch, fused_merge)
     expected = naive.decode_attention(query, *packed.tensors(), rk, rv, bits, group, d ** -0.5)
     torch.testing.assert_close(out.float(), expected.float(), **TOLERANCE[dtype])
 
@@ -60,23 +61,26 @@ def test_emulated_mma_decode_matches_reference(library, shape, layout, dtype):
     _check(library, shape, layout, dtype, tokens_per_split=64)
 
 
+@pytest.mark.parametrize("fused_merge", [False, True], ids=["merge_kernel", "fused_merge"])
 @pytest.mark.parametrize("l2_prefetch", [True, False])
 @pytest.mark.parametrize("tokens_per_split,n_splits", [(64, None), (128, None), (192, 4), (576, 1), (64, 10)])
-def test_emulated_mma_decode_over_split_plans(library, tokens_per_split, n_splits, l2_prefetch):
-    """Warps of a split that get no slab, splits with no tokens, the residual window in a split that also
-    holds packed tokens (n_splits given), and the L2 prefetches off."""
-    _check(library, (1, 8, 2, 1, 570, 20), (4, 128, 128), torch.bfloat16, tokens_per_split, n_splits, l2_prefetch)
+def test_emulated_mma_decode_over_split_plans(library, tokens_per_split, n_splits, l2_prefetch, fused_merge):
+    """Warps of a split that get no slab, splits with no tokens (which the merge must skip), the residual
+    window in a split that also holds packed tokens (n_splits given), the L2 prefetches off; both merges."""
+    _check(library, (1, 8, 2, 1, 570, 20), (4, 128, 128), torch.bfloat16, tokens_per_split, n_splits, l2_prefetch,
+           fused_merge=fused_merge)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(layout=st.sampled_from(LAYOUTS), rep=st.integers(1, 4), q_len=st.integers(1, 2), hkv=st.integers(1, 2),
        packed_len=st.integers(0, 400), residual_len=st.integers(0, 40), units=st.integers(1, 4),
-       fp16=st.booleans(), seed=st.integers(0, 1000))
-def test_emulated_mma_decode_sweep(library, layout, rep, q_len, hkv, packed_len, residual_len, units, fp16, seed):
+       fp16=st.booleans(), seed=st.integers(0, 1000), fused_merge=st.booleans())
+def test_emulated_mma_decode_sweep(library, layout, rep, q_len, hkv, packed_len, residual_len, units, fp16, seed,
+                                   fused_merge):
     if packed_len + residual_len < q_len:
         residual_len = q_len  # every query row sees at least one token
     _check(library, (1, rep * hkv, hkv, q_len, packed_len, residual_len), layout,
-           torch.float16 if fp16 else torch.bfloat16, 64 * units, seed=seed)
+           torch.float16 if fp16 else torch.bfloat16, 64 * units, seed=seed, fused_merge=fused_merge)
 
 
 def test_emulator_flags_reads_outside_the_inputs(library):

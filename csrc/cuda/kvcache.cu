@@ -5,11 +5,11 @@
 // each warp of the block walks its own tokens with a lane per CPL = D / 32 channels, dequantizes
 // the key and value codes in registers (never in memory), reduces q.k over the warp with shuffles
 // and keeps an online softmax per query row (all GQA heads x query tokens of the KV head). Every
-// warp writes its (max, sum, output) triple; a second kernel merges them. The last split of each
-// head takes the full-precision residual window. 16-bit queries of the common shapes take the
-// tensor-core kernel of kvcache_decode_mma.cuh instead (one partial per block, the same merge, or
-// with ENGRAM_KV_MERGE=fused its last block per head merges). The number of splits follows the
-// kernel's occupancy: one wave of resident blocks.
+// warp writes its (max, sum, output) triple; a second kernel (kvcache_merge.cuh) merges them. The
+// last split of each head takes the full-precision residual window. 16-bit queries of the common
+// shapes take the tensor-core kernel of kvcache_decode_mma.cuh instead (one partial per block, the
+// same merge, or with ENGRAM_KV_MERGE=fused its last block per head merges). The number of splits
+// follows the kernel's occupancy: one wave of resident blocks.
 #include "common.cuh"
 #include "kvcache_decode_mma.cuh"
 #include <cuda_fp16.h>
@@ -283,57 +283,6 @@ __global__ void __launch_bounds__(kWarps * kWarp) decode_kernel(const T* __restr
   }
 }
 
-constexpr int kMergeGroups = 4;  // thread groups of a merge block, each summing every 4th part
-
-// Block-wide reduction of one value per thread (max or sum); every thread gets the result.
-template <bool MAX>
-__device__ float block_reduce(float x, float* scratch) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const float y = __shfl_xor_sync(kFullMask, x, offset);
-    x = MAX ? fmaxf(x, y) : x + y;
-  }
-  const int warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  __syncthreads();  // scratch may still be read from a previous reduction
-  if (threadIdx.x % kWarp == 0) scratch[warp] = x;
-  __syncthreads();
-  x = MAX ? kNegInf : 0.f;
-  for (int w = 0; w < warps; ++w) x = MAX ? fmaxf(x, scratch[w]) : x + scratch[w];
-  return x;
-}
-
-// One block per (head, row), kMergeGroups x d threads: merges the n_parts partial softmax states.
-// The parts are spread over all threads (loads in flight at once, not one part after another).
-template <typename T>
-__global__ void merge_kernel(const float* __restrict__ part_m, const float* __restrict__ part_l,
-                             const float* __restrict__ part_acc, T* __restrict__ out, int n_parts, int rows, int d) {
-  __shared__ float scratch[kMergeGroups * 128 / kWarp];
-  __shared__ float sums[kMergeGroups][128];
-  const int64_t head = blockIdx.x, first = head * n_parts;
-  const int r = blockIdx.y, c = threadIdx.x % d, group = threadIdx.x / d;
-  float m_max = kNegInf;
-  for (int i = threadIdx.x; i < n_parts; i += blockDim.x) m_max = fmaxf(m_max, part_m[(first + i) * rows + r]);
-  m_max = block_reduce<true>(m_max, scratch);
-  float total = 0.f, acc = 0.f;
-  for (int i = threadIdx.x; i < n_parts; i += blockDim.x) {
-    const float m = part_m[(first + i) * rows + r];
-    if (m != kNegInf) total += __expf(m - m_max) * part_l[(first + i) * rows + r];
-  }
-  total = block_reduce<false>(total, scratch);
-#pragma unroll 4
-  for (int i = group; i < n_parts; i += kMergeGroups) {
-    const int64_t at = (first + i) * rows + r;
-    const float m = part_m[at];
-    if (m != kNegInf) acc += __expf(m - m_max) * part_acc[at * d + c];
-  }
-  sums[group][c] = acc;
-  __syncthreads();
-  if (group == 0) {
-    for (int g = 1; g < kMergeGroups; ++g) acc += sums[g][c];
-    out[(head * rows + r) * d + c] = static_cast<T>(acc / total);
-  }
-}
-
 bool aligned(const Tensor& t, int bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
 
 // Per-head counters of finished splits for the tensor-core kernel's merge, one array per device and
@@ -405,11 +354,26 @@ Tensor plan_partials(DecodeArgs& a, const void* kernel, size_t shared_bytes, int
   return parts;
 }
 
+// Whether the merge kernel starts as a programmatic dependent of the decode kernel (sm_90+; its blocks
+// launch while the decode grid drains instead of after it): ENGRAM_KV_PDL=0 turns it off (to time it).
+bool programmatic_merge() {
+  const char* pdl = std::getenv("ENGRAM_KV_PDL");
+  return (pdl == nullptr || std::strcmp(pdl, "0") != 0) && mma_decode::compute_major() >= 9;
+}
+
 template <typename T>
 void launch_merge(const DecodeArgs& a, Tensor& out, int n_parts, int64_t heads, cudaStream_t stream) {
-  merge_kernel<T><<<dim3(heads, a.rows), kMergeGroups * a.d, 0, stream>>>(
-      a.part_m, a.part_l, a.part_acc, out.data_ptr<T>(), n_parts, a.rows, a.d);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchAttribute programmatic{};
+  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(heads, a.rows);
+  config.blockDim = dim3(kMergeGroups * a.d);
+  config.stream = stream;
+  config.attrs = &programmatic;
+  config.numAttrs = programmatic_merge() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, merge_kernel<T>, a.part_m, a.part_l, a.part_acc, out.data_ptr<T>(),
+                                    n_parts, a.rows, a.d));
 }
 
 // The CUDA-core kernel (one partial per warp) and the merge kernel.

@@ -1,5 +1,5 @@
 // Decode attention from the packed KV cache on tensor cores (mma.sync m16n8k16, sm_80+), for 16-bit
-// queries. Included by kvcache.cu, whose split-K partials and merge kernel it shares.
+// queries. Included by kvcache.cu, whose split-K partials and merge kernel (kvcache_merge.cuh) it shares.
 //
 // Each warp walks 16-token slabs of its block's split and computes S = K Q^T (16 tokens x up to 8
 // query rows: one m16n8 C tile per k-step, the queries as B, so no operand holds padding rows) and
@@ -33,6 +33,8 @@
 
 #include <cstring>
 #include <type_traits>
+
+#include "kvcache_merge.cuh"
 
 namespace engram {
 
@@ -518,42 +520,18 @@ struct Warp {
 // prefetched slab.
 constexpr int kMinBlocks = 3;
 
-// The head's output from its splits' partials (max, sum, unnormalized output), by the block that
-// finished last (ENGRAM_KV_MERGE=fused); __ldcg reads the other blocks' partials from L2. A warp
-// reduces a row's maxima and sums over the splits with its lanes; then a thread owns 4 channels of a
-// row and walks the splits with no branch, so that the unrolled loads are in flight together.
+// The head's output from its splits' partials, by the block that finished last (ENGRAM_KV_MERGE=fused):
+// a thread folds 4 channels of a row over all the splits.
 template <typename T, int D>
 __device__ void merge_splits(const Args& a, int64_t head, T* __restrict__ out) {
-  __shared__ float m_max[kMaxRows], total[kMaxRows];
-  const int64_t first = head * a.n_splits;
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  for (int r = warp; r < a.rows; r += kWarps) {
-    float m = -INFINITY, l = 0.f;
-    for (int s = lane; s < a.n_splits; s += kWarp) m = fmaxf(m, __ldcg(a.part_m + (first + s) * a.rows + r));
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(kFullMask, m, offset));
-    for (int s = lane; s < a.n_splits; s += kWarp) {
-      const float ms = __ldcg(a.part_m + (first + s) * a.rows + r);
-      l += (ms == -INFINITY ? 0.f : __expf(ms - m)) * __ldcg(a.part_l + (first + s) * a.rows + r);
-    }
-#pragma unroll
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) l += __shfl_xor_sync(kFullMask, l, offset);
-    if (lane == 0) m_max[r] = m, total[r] = l;
-  }
-  __syncthreads();
   for (int i = threadIdx.x; i < a.rows * D / 4; i += kWarps * kWarp) {
     const int r = 4 * i / D;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll 8
-    for (int s = 0; s < a.n_splits; ++s) {
-      const int64_t part = (first + s) * a.rows + r;
-      const float ms = __ldcg(a.part_m + part);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(a.part_acc + part * D) + i % (D / 4));
-      const float w = ms == -INFINITY ? 0.f : __expf(ms - m_max[r]);  // a split that saw nothing: 0
-      acc[0] += w * v.x, acc[1] += w * v.y, acc[2] += w * v.z, acc[3] += w * v.w;
-    }
+    const int64_t row0 = head * a.n_splits * a.rows + r;  // split 0's (part, row)
+    SoftmaxState<4> s;
+    add_parts(s, a.part_m + row0, a.part_l + row0, a.part_acc + row0 * D + 4 * (i % (D / 4)), a.rows,
+              int64_t{a.rows} * D, 0, 1, a.n_splits);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) out[head * a.rows * D + 4 * i + e] = static_cast<T>(acc[e] / total[r]);
+    for (int e = 0; e < 4; ++e) out[head * a.rows * D + 4 * i + e] = static_cast<T>(s.acc[e] / s.l);
   }
   if (threadIdx.x == 0) a.done[head] = 0;  // ready for the next call
 }
@@ -563,14 +541,18 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
                                                                 const T* __restrict__ residual_keys,
                                                                 const T* __restrict__ residual_values,
                                                                 T* __restrict__ out, Args a) {
+  ptx::launch_dependents();  // the merge kernel's launch overlaps this grid (it waits for the partials)
   const int64_t head = blockIdx.x;
   const int split = blockIdx.y, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   ENGRAM_DYNAMIC_SHARED(shared);
   float* query_rows = reinterpret_cast<float*>(shared);
   // this warp's 2 x (scale, zero) rows
   __half* key_rows = reinterpret_cast<__half*>(query_rows + kMaxRows * D) + warp * 4 * D;
-  for (int i = threadIdx.x; i < kMaxRows * D; i += kWarps * kWarp)  // read by every key group's setup
+#pragma unroll  // all of a thread's loads in flight at once
+  for (int k = 0; k < kMaxRows * D / (kWarps * kWarp); ++k) {  // read by every key group's setup
+    const int i = threadIdx.x + k * kWarps * kWarp;
     query_rows[i] = i < a.rows * D ? static_cast<float>(query[head * a.rows * D + i]) * a.scale : 0.f;
+  }
   Warp<T, BITS, D, VG> w;
   w.init(query_rows, lane);
 

@@ -94,6 +94,21 @@ __device__ __forceinline__ void cp_async_wait() {
 #endif
 }
 
+// Programmatic dependent launch (sm_90+; no-ops before): launch_dependents lets the stream's next
+// kernel, if launched with programmatic stream serialization, start its blocks before this grid
+// ends; wait_for_primary, in that kernel, waits until the grid before it has finished and its writes
+// are visible (at once without such a launch).
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_primary() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // A kernel's dynamic shared memory, as bytes.
 #define ENGRAM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 

@@ -1,12 +1,13 @@
 // The tensor-core KV decode kernel (csrc/cuda/kvcache_decode_mma.cuh) built for a CPU with
 // host_warps.h, behind a C function that tests load with ctypes: it runs every block of the grid,
-// the last block of each head merging the head's split-K partials into `out`.
+// then the merge kernel's grid (kvcache_merge.cuh), or with `done` the last block of each head merges
+// the head's split-K partials into `out` (ENGRAM_KV_MERGE=fused).
 #define ENGRAM_HOST_WARPS
 #include "../cuda/kvcache_decode_mma.cuh"
 
 // Returns an error message, or nullptr when the kernel ran cleanly. `readable` lists the buffers the
 // kernel may read (the inputs and the partials); the partials are (heads, n_splits, rows[, d]) fp32,
-// `out` is the query's shape and dtype, `done` (heads) zeros, as the kernel must leave it.
+// `out` is the query's shape and dtype, `done` (heads) zeros, as the kernel must leave it, or null.
 extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t heads, int64_t packed_len,
                                             int64_t residual_len, int rows, int q_len, int group, float scale,
                                             int64_t tokens_per_split, int n_splits, int l2_prefetch,
@@ -40,6 +41,10 @@ extern "C" const char* engram_kv_decode_mma(int bf16, int bits, int d, int64_t h
                                  engram::mma_decode::shared_bytes(d), [&] {
       kernel(static_cast<const T*>(query), static_cast<const T*>(residual_keys),
              static_cast<const T*>(residual_values), static_cast<T*>(out), args);
+    });
+    if (done != nullptr || engram::host_warps::run_error() != nullptr) return;
+    engram::host_warps::run_grid(heads, rows, engram::kMergeGroups * d, 0, [&] {
+      engram::merge_kernel<T>(part_m, part_l, part_acc, static_cast<T*>(out), n_splits, rows, d);
     });
   };
   if (bf16) run(at::BFloat16{});
