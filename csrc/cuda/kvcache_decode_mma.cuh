@@ -339,9 +339,10 @@ struct Warp {
             a.value_scale + (row0 + g) * VG, a.value_zero + (row0 + g) * VG};
   }
 
-  __device__ __forceinline__ static void advance(Cursor& c) {
-    c.key += 16 * P, c.value += 16 * P;
-    c.value_scale += 16 * VG, c.value_zero += 16 * VG;
+  // Moves the cursor `slabs` (0 or 1) slabs on.
+  __device__ __forceinline__ static void advance(Cursor& c, int slabs = 1) {
+    c.key += slabs * 16 * P, c.value += slabs * 16 * P;
+    c.value_scale += slabs * 16 * VG, c.value_zero += slabs * 16 * VG;
   }
 
   // The line a lane asks L2 for in a slab two ahead of the one being computed (no registers, no wait,
@@ -605,10 +606,12 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
     w.template finish_slab<ABLATE>(cur, s, seen);
   };
   if (first < end) start_group();
-#pragma unroll 2  // cur and next alternate registers instead of being copied (copies wait for the loads)
+  // cur and next alternate registers instead of being copied (copies wait for the loads): the loop is
+  // unrolled by 2 and no branch goes around the loads, which after the last whole slab read it again.
+#pragma unroll 2
   for (int sl = first; sl < whole_end; ++sl) {
-    if (sl + 1 < whole_end && !(ABLATE & kNoLoads)) {
-      w.advance(at);
+    if constexpr (!(ABLATE & kNoLoads)) {
+      w.advance(at, sl + 1 < whole_end);
       w.template load<true>(next, at);
       w.prefetch_next(prefetch, a.l2_prefetch && sl + 2 < whole_end);
     }
