@@ -7,11 +7,11 @@ runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton b
                                         (default 32768 131072; Llama-8B heads, int4)
 
 --cuda-only skips the Triton candidates (their tuning takes most of the probe's time); --sweep then
-times the `cuda` backend at 128k with one setting changed at a time (including its L2 prefetches off
-and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also at 32k, and at 32k the merge
-kernel launched after the decode grid instead of as its programmatic dependent, ENGRAM_KV_PDL=0), after the `cuda` backend
-and SDPA at contexts from 1k to 128k (the time that does not grow with the context, by a straight
-line). --ablation times the timing-only builds of the tensor-core kernel with parts of its work left
+times the `cuda` backend and SDPA at contexts from 1k to 128k (the time that does not grow with the
+context, by a straight line), and the `cuda` backend at 128k with one setting changed at a time
+(including its L2 prefetches off and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also
+at 32k; and at 32k the merge kernel launched after the decode grid instead of as its programmatic
+dependent, ENGRAM_KV_PDL=0). --ablation times the timing-only builds of the tensor-core kernel with parts of its work left
 out (engram_kernels._C_kvcache_ablation, which scripts/prebuild_gpu_extensions.sh builds) at 32k and
 128k: where its time goes.
 """

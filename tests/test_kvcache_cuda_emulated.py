@@ -1,8 +1,9 @@
 """The CUDA tensor-core decode kernel (csrc/cuda/kvcache_decode_mma.cuh) run on this CPU by the host
 warp emulator (csrc/emulation) against the reference: its fragment layouts, bit tricks, splits,
-residual window and key-group staging, and the merge of the splits by the merge kernel (the GPU default)
-or by each head's last block (what ENGRAM_KV_MERGE=fused runs on a GPU), plus its reads (every address inside an input) and its warp
-operations (reached by every lane). Needs only g++; a GPU run tests the same source compiled by nvcc."""
+residual window and key-group staging, and the merge of the splits by the merge kernel (the GPU
+default) or by each head's last block (what ENGRAM_KV_MERGE=fused runs on a GPU), plus its reads
+(every address inside an input) and its warp operations (reached by every lane). Needs only g++; a
+GPU run tests the same source compiled by nvcc."""
 import os
 
 import pytest
