@@ -18,6 +18,7 @@ out (engram_kernels._C_kvcache_ablation, which scripts/prebuild_gpu_extensions.s
 import contextlib
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,20 @@ def gpu_ms(fn, reps=20):
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)
     return elapsed_ms(fn, reps)
+
+
+def host_us(fn, reps=20):
+    """Host time per call in µs: the calls queue up behind a sleep kernel, so none waits for the GPU.
+    Where it exceeds the GPU time, back-to-back calls (the benchmark's rounds) run at the host's pace."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps
+    torch.cuda.synchronize()
+    return host * 1e6
 
 
 def make_case(context, batch=1, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128,
@@ -61,7 +76,8 @@ def probe(context, triton=True):
         return decode_attention(query, packed, rk, rv, check_values=False)
 
     print(f"context {context}: packed {packed.nbytes() / 1e6:.1f} MB")
-    print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms")
+    print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms, "
+          f"host {host_us(sdpa):.1f} us per call")
     with backends.use_backend("torch"):
         expected = decode().float()
     for ptx in (True, False) if triton else ():
@@ -81,9 +97,9 @@ def probe(context, triton=True):
     if backends.is_available("cuda", "cuda", "kvcache"):  # the tensor-core kernel (kvcache_decode_mma.cuh)
         with backends.use_backend("cuda"):
             error = (decode().float() - expected).abs().max().item()
-            call, gpu = elapsed_ms(decode), gpu_ms(decode)
+            call, gpu, host = elapsed_ms(decode), gpu_ms(decode), host_us(decode)
         print(f"  cuda decode_attention: max |cuda - reference| {error:.2e}, call {call:.4f} ms, "
-              f"GPU time alone {gpu:.4f} ms")
+              f"GPU time alone {gpu:.4f} ms, host {host:.1f} us per call")
 
 
 def sweep():
