@@ -2,6 +2,7 @@
 compiled kernel's registers and spills; shows where the time of one decode call goes. Each context
 runs twice: codes to 16-bit operands by inline PTX (the default) and by Triton bit operations
 (ENGRAM_KV_PTX=0), each checked against the reference first; then the `cuda` backend (tensor cores).
+SDPA and `cuda` also get their GPU time with L2 flushed before each call and their host time per call.
 
     python scripts/kv_decode_probe.py [--cuda-only] [--sweep] [--ablation] [CONTEXT ...]
                                         (default 32768 131072; Llama-8B heads, int4)
@@ -11,9 +12,9 @@ times the `cuda` backend and SDPA at contexts from 1k to 128k (the time that doe
 context, by a straight line), and the `cuda` backend at 128k with one setting changed at a time
 (including its L2 prefetches off and the merge by each head's last block, ENGRAM_KV_MERGE=fused, also
 at 32k; and at 32k the merge kernel launched after the decode grid instead of as its programmatic
-dependent, ENGRAM_KV_PDL=0). --ablation times the timing-only builds of the tensor-core kernel with parts of its work left
-out (engram_kernels._C_kvcache_ablation, which scripts/prebuild_gpu_extensions.sh builds) at 32k and
-128k: where its time goes.
+dependent, ENGRAM_KV_PDL=0). --ablation times the timing-only builds of the tensor-core kernel with
+parts of its work left out (engram_kernels._C_kvcache_ablation, which
+scripts/prebuild_gpu_extensions.sh builds) at 32k and 128k: where its time goes.
 """
 import contextlib
 import os
@@ -53,6 +54,24 @@ def host_us(fn, reps=20):
     return host * 1e6
 
 
+def cold_gpu_ms(fn, reps=10):
+    """GPU time of one call after a 256 MB write has flushed L2 (median of reps): in a model, the other
+    layers' caches pass through L2 between two calls of one layer, while back-to-back calls over a
+    cache that fits in L2 (32k tokens packed: 37.6 MB; an H100's L2: 50 MB) may find it there."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda._sleep(100_000_000)  # the calls queue up: no host gaps between the events
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(start.elapsed_time(end) for start, end in events)[reps // 2]
+
+
 def make_case(context, batch=1, q_heads=32, kv_heads=8, head_dim=128, bits=4, group=64, residual=128,
               device="cuda", dtype=torch.bfloat16):
     """(query, keys, values, packed cache, residual keys, residual values) of random states."""
@@ -76,8 +95,8 @@ def probe(context, triton=True):
         return decode_attention(query, packed, rk, rv, check_values=False)
 
     print(f"context {context}: packed {packed.nbytes() / 1e6:.1f} MB")
-    print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms, "
-          f"host {host_us(sdpa):.1f} us per call")
+    print(f"  sdpa bf16 call {elapsed_ms(sdpa):.4f} ms, GPU time alone {gpu_ms(sdpa):.4f} ms "
+          f"(L2 flushed before each call {cold_gpu_ms(sdpa):.4f} ms), host {host_us(sdpa):.1f} us per call")
     with backends.use_backend("torch"):
         expected = decode().float()
     for ptx in (True, False) if triton else ():
@@ -97,9 +116,9 @@ def probe(context, triton=True):
     if backends.is_available("cuda", "cuda", "kvcache"):  # the tensor-core kernel (kvcache_decode_mma.cuh)
         with backends.use_backend("cuda"):
             error = (decode().float() - expected).abs().max().item()
-            call, gpu, host = elapsed_ms(decode), gpu_ms(decode), host_us(decode)
+            call, gpu, cold, host = elapsed_ms(decode), gpu_ms(decode), cold_gpu_ms(decode), host_us(decode)
         print(f"  cuda decode_attention: max |cuda - reference| {error:.2e}, call {call:.4f} ms, "
-              f"GPU time alone {gpu:.4f} ms, host {host:.1f} us per call")
+              f"GPU time alone {gpu:.4f} ms (L2 flushed before each call {cold:.4f} ms), host {host:.1f} us per call")
 
 
 def sweep():
