@@ -39,13 +39,13 @@ __device__ __forceinline__ void load_channels(float (&x)[V], const float* p, boo
   }
 }
 
-// Folds parts first, first + step, ... (< n) into s: part p's max and sum at m[p * stride], l[p * stride]
-// and its V channels at acc[p * acc_stride]. __ldcg: the parts may come from other blocks of the
-// running grid (L1 is not coherent).
-template <int V>
+// Folds parts first, first + step, ... (< n) into s, BATCH at a time (their loads issued together):
+// part p's max and sum at m[p * stride], l[p * stride] and its V channels at acc[p * acc_stride].
+// __ldcg: the parts may come from other blocks of the running grid (L1 is not coherent).
+template <int BATCH, int V>
 __device__ __forceinline__ void add_parts(SoftmaxState<V>& s, const float* m, const float* l, const float* acc,
                                           int64_t stride, int64_t acc_stride, int first, int step, int n) {
-  constexpr int kBatch = 8;  // parts whose loads are issued together
+  constexpr int kBatch = BATCH;
   for (int base = first; base < n; base += kBatch * step) {
     float pm[kBatch], pl[kBatch], pa[kBatch][V];
 #pragma unroll
@@ -76,8 +76,8 @@ __global__ void merge_kernel(const float* __restrict__ part_m, const float* __re
   const int64_t head = blockIdx.x, row0 = head * n_parts * rows + blockIdx.y;  // part 0's (part, row)
   const int c = threadIdx.x % d, group = threadIdx.x / d;
   SoftmaxState<1> s;
-  add_parts(s, part_m + row0, part_l + row0, part_acc + row0 * d + c, rows, int64_t{rows} * d, group, kMergeGroups,
-            n_parts);
+  add_parts<8>(s, part_m + row0, part_l + row0, part_acc + row0 * d + c, rows, int64_t{rows} * d, group,
+               kMergeGroups, n_parts);
   m_s[group][c] = s.m, l_s[group][c] = s.l, acc_s[group][c] = s.acc[0];
   __syncthreads();
   if (group != 0) return;
