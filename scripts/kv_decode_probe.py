@@ -32,20 +32,24 @@ def elapsed_ms(fn, reps=20):
     return triton_kernels._elapsed_ms(fn, reps)
 
 
-def gpu_ms(fn, reps=20):
-    """GPU time alone: the calls queue up behind a sleep kernel, so launch overhead is hidden."""
+def queue_behind_sleep(fn):
+    """Runs fn once (compiles, allocates), then holds the stream with a ~60 ms sleep kernel, so that the
+    calls issued next queue up: none waits for the GPU, and the GPU runs them with no host gaps."""
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(100_000_000)
+
+
+def gpu_ms(fn, reps=20):
+    """GPU time alone: the calls queue up behind a sleep kernel, so launch overhead is hidden."""
+    queue_behind_sleep(fn)
     return elapsed_ms(fn, reps)
 
 
 def host_us(fn, reps=20):
-    """Host time per call in µs: the calls queue up behind a sleep kernel, so none waits for the GPU.
-    Where it exceeds the GPU time, back-to-back calls (the benchmark's rounds) run at the host's pace."""
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(100_000_000)
+    """Host time per call in µs (the calls queue up behind a sleep kernel). Where it exceeds the GPU
+    time, back-to-back calls (the benchmark's rounds) run at the host's pace."""
+    queue_behind_sleep(fn)
     start = time.perf_counter()
     for _ in range(reps):
         fn()
@@ -59,10 +63,8 @@ def cold_gpu_ms(fn, reps=10):
     layers' caches pass through L2 between two calls of one layer, while back-to-back calls over a
     cache that fits in L2 (32k tokens packed: 37.6 MB; an H100's L2: 50 MB) may find it there."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    fn()
-    torch.cuda.synchronize()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda._sleep(100_000_000)  # the calls queue up: no host gaps between the events
+    queue_behind_sleep(fn)
     for start, end in events:
         flush.zero_()
         start.record()
