@@ -638,17 +638,14 @@ __global__ void __launch_bounds__(kWarps * kWarp, kMinBlocks) decode_kernel(cons
   const int64_t part = head * a.n_splits + split;
   for (int i = threadIdx.x; i < a.rows * D; i += kWarps * kWarp) {
     const int row = i / D;
-    float m_max = -INFINITY;
-#pragma unroll
-    for (int v = 0; v < kWarps; ++v) m_max = fmaxf(m_max, m_s[v][row]);
-    float l_sum = 0.f, acc = 0.f;
+    SoftmaxState<1> s;
 #pragma unroll
     for (int v = 0; v < kWarps; ++v) {
-      const float f = m_s[v][row] == -INFINITY ? 0.f : __expf(m_s[v][row] - m_max);
-      l_sum += f * l_s[v][row], acc += f * acc_s[v][i];
+      const float acc[1] = {acc_s[v][i]};
+      s.add(m_s[v][row], l_s[v][row], acc);
     }
-    a.part_acc[part * a.rows * D + i] = acc;
-    if (i % D == 0) a.part_m[part * a.rows + row] = m_max, a.part_l[part * a.rows + row] = l_sum;
+    a.part_acc[part * a.rows * D + i] = s.acc[0];
+    if (i % D == 0) a.part_m[part * a.rows + row] = s.m, a.part_l[part * a.rows + row] = s.l;
   }
   if (a.done == nullptr) return;  // kvcache.cu's merge kernel adds the partials up
   // The head's last block to finish merges its splits (no second kernel launch per decode step).

@@ -1,6 +1,7 @@
 // The merge of split-K decode partials (each a softmax state: max m, sum l, unnormalized output) into
-// the attention output: the merge kernel both decode kernels end with (kvcache.cu), and the fused
-// merge of the tensor-core kernel's last block per head (kvcache_decode_mma.cuh).
+// the attention output: the merge kernel both decode kernels end with (kvcache.cu), and in the
+// tensor-core kernel (kvcache_decode_mma.cuh) the combine of a block's warps and the fused merge of
+// its last block per head.
 //
 // Each thread folds its share of the parts into one running state in a single pass: the parts'
 // loads do not depend on the state, so a batch of them is in flight at once, and no block-wide
