@@ -105,10 +105,16 @@ def object_stats(path, function=None):
     for address, predicate, op, operands in code:
         # A loop ends in a conditional branch back; an unconditional one is a block placed out of line
         # (a rarely taken path) jumping back into the code it left, and would count that code twice.
-        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
-        if target and int(target[1], 16) < address:
-            loops.append([c for c in code if int(target[1], 16) <= c[0] <= address])
+        target = _branch_target(predicate, op, operands)
+        if target is not None and target < address:
+            loops.append([c for c in code if target <= c[0] <= address])
     return resources, len(code), loops
+
+
+def _branch_target(predicate, op, operands):
+    """The address a conditional branch jumps to, else None."""
+    target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
+    return int(target[1], 16) if target else None
 
 
 def _registers(operands):
@@ -148,9 +154,9 @@ def forward_skips(body):
     start = {address: i for i, (address, _, _, _) in enumerate(body)}
     skips = []
     for i, (address, predicate, op, operands) in enumerate(body):
-        target = re.search(r"0x([0-9a-f]+)", operands) if op.startswith("BRA") and predicate else None
-        if target and int(target[1], 16) > address and int(target[1], 16) in start:
-            skips.append((i, start[int(target[1], 16)] - i - 1))
+        target = _branch_target(predicate, op, operands)
+        if target is not None and target > address and target in start:
+            skips.append((i, start[target] - i - 1))
     return skips
 
 
