@@ -13,7 +13,9 @@ Configs: `smollm2` heads (9 query / 3 KV heads, head dim 64) and `llama8b` heads
 2k and 8k tokens on CPU; `llama8b` at 4k, 32k and 128k on GPU; `llama8b` at 256 tokens on both,
 where a call is mostly host overhead (checks, dispatch, launches), the floor every decode step
 pays once per layer. Ops: kv_decode_int4, kv_decode_int2. extra_info `checks_us`: the host time of
-the input checks per call, repeated with one set of inputs (as the layers of one decode step call it).
+the input checks per call, repeated with one set of inputs (as the layers of one decode step call it);
+`python_us`: the same for all of a call's Python before the backend's kernel wrapper (checks, backend
+lookup, argument preparation).
 
     -k "cpu_ctx"   the CPU configs          -k "gpu_ctx"   the GPU configs (about 30 s on an H100)
 """
@@ -25,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from engram_kernels import backends
-from engram_kernels.ops.kvcache import PackedKV, checks, decode_attention, quantize_kv
+from engram_kernels.ops.kvcache import PackedKV, checks, decode_attention, functional, quantize_kv
 
 RESIDUAL, GROUP = 128, 64
 
@@ -170,6 +172,8 @@ def run_benchmark(benchmark, request, backend, config, bits):
         speedup_vs_sdpa=round(baseline / seconds, 2) if baseline else None, **timing, **memory)
     if backend in KERNEL_BACKENDS:
         benchmark.extra_info["checks_us"] = checks_us(x, bits)
+        with backends.use_backend(backend):
+            benchmark.extra_info["python_us"] = python_us(x, bits)
     if backend == "triton":
         benchmark.extra_info["triton_launch_ms"] = triton_launch_timings()
 
@@ -184,6 +188,34 @@ def checks_us(x, bits, calls=2000):
         for _ in range(calls):
             checks.check_decode_attention(*args)
         loops.append((time.perf_counter() - start) / calls * 1e6)
+    return round(sorted(loops)[2], 2)
+
+
+class _NoKernel:
+    """A backend module whose decode_attention returns at once: python_us times everything else."""
+    @staticmethod
+    def decode_attention(query, *args):
+        return query
+
+
+def python_us(x, bits, calls=2000):
+    """Host time per decode_attention call of everything before the backend's kernel wrapper (checks,
+    backend lookup, argument preparation), with that wrapper replaced by a no-op: median of 5 loops."""
+    def lookup_then_skip(device):
+        functional.backends.op_module("kvcache", device)
+        return _NoKernel
+
+    real, functional.backend_module = functional.backend_module, lookup_then_skip
+    try:
+        fn = decode_fn("cuda", None, x, bits)  # any kernel backend: the call is the same up to the kernel
+        loops = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            loops.append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        functional.backend_module = real
     return round(sorted(loops)[2], 2)
 
 

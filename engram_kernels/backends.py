@@ -95,8 +95,24 @@ def preference(device_type, family="memory"):
     return GPU_PREFERENCE[family] if device_type == "cuda" else ("cpu", "torch")
 
 
+# os.environ.get costs ~1-2 us (Mapping.get, key encoding, value decoding) and a decode step asks once
+# per layer, so on POSIX the hot path reads the dict os.environ keeps of its encoded items (present
+# since Python 3.2; os.environ.get where it is not).
+_ENVIRON_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENV_VAR_KEY = os.fsencode(ENV_VAR)
+
+
+def _forced_name():
+    if _forced is not None:
+        return _forced
+    if isinstance(_ENVIRON_DATA, dict):
+        name = _ENVIRON_DATA.get(_ENV_VAR_KEY)
+        return os.fsdecode(name) if name else None
+    return os.environ.get(ENV_VAR) or None
+
+
 def forced_backend():
-    name = _forced or os.environ.get(ENV_VAR) or None
+    name = _forced_name()
     if name is not None and name not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={name!r} is not a backend; choose from {', '.join(BACKENDS)}")
     return name
@@ -134,19 +150,19 @@ def on_device(device):
     return contextlib.nullcontext()
 
 
-_op_modules = {}  # (family, device type, forced backend) -> module, where no fallback notice was due
+_op_modules = {}  # (family, device, forced backend) -> module, where no fallback notice was due
 
 
 def op_module(family, device):
     """The module of engram_kernels.ops.<family> implementing its ops for the backend chosen on `device`
-    (memoized: decode steps call it once per layer and token)."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    key = (family, device_type, forced_backend())
+    (memoized: decode steps call it once per layer and token, so the hit costs a dict lookup)."""
+    key = (family, device, _forced_name())
     module = _op_modules.get(key)
     if module is None:
-        name = choose(device_type, family)
+        forced = forced_backend()  # validates the name
+        name = choose(device, family)
         module = importlib.import_module(f"engram_kernels.ops.{family}.{BACKEND_MODULES[name]}")
-        if key[2] in (None, name):  # a fallback is looked up again, so that its notice still shows
+        if forced in (None, name):  # a fallback is looked up again, so that its notice still shows
             _op_modules[key] = module
     return module
 

@@ -213,6 +213,48 @@ def test_decode_attention_of_a_batch_slice(kv_case):
         torch.testing.assert_close(out.cpu().float(), expected.float(), **tolerance(dtype))
 
 
+def _strided_copy(t):
+    """The same values and shape in a non-contiguous layout (last two dims stored transposed)."""
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_decode_attention_of_strided_inputs_after_contiguous_ones(kv_case):
+    """Non-contiguous inputs whose shapes match a call that passed the checks (and skipped the
+    .contiguous() copies) are still copied: each backend matches the reference."""
+    _, device = kv_case
+    shape = (1, 4, 2, 1, 64, 70, 6, 32)
+    for dtype in _decode_dtypes(kv_case):
+        query, packed, (rk, rv) = _decode_inputs(shape, 4, device, dtype)
+        first = decode_attention(query, packed, rk, rv)
+        strided = packed._replace(**{f: _strided_copy(getattr(packed, f)) for f in packed._fields[:6]})
+        assert not strided.key_codes.is_contiguous()
+        out = decode_attention(_strided_copy(query), strided, _strided_copy(rk), _strided_copy(rv))
+        torch.testing.assert_close(out, first, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["extension", "python"])
+def test_decode_signature_tells_structures_apart(compiled, monkeypatch):
+    """The key under which passed checks are cached changes with any input's dtype, shape, device or
+    presence, and with bits and group size; the extension gives none for a non-contiguous input."""
+    if compiled and backends.extension("_C_kvcache_cpu") is None:
+        pytest.skip("the C++ extension is not built")
+    if not compiled:
+        monkeypatch.setattr(checks, "extension", lambda name: None)
+    packed, query, residual = _packed(), torch.randn(1, 4, 1, 8), torch.randn(1, 2, 3, 8)
+    inputs = (query, *packed.tensors(), residual, residual)
+    key = checks._signature(inputs, 4, 4)
+    assert key == checks._signature(tuple(t.clone() for t in inputs), 4, 4)
+    variants = [(inputs, 2, 4), (inputs, 4, 8), (inputs[:7] + (None, None), 4, 4),
+                ((query.double(),) + inputs[1:], 4, 4), ((query[:, :2],) + inputs[1:], 4, 4),
+                (inputs[:6] + (inputs[6].to("meta"),) + inputs[7:], 4, 4),
+                ((query.view(1, 4, 8, 1),) + inputs[1:], 4, 4)]
+    keys = [checks._signature(*v) for v in variants]
+    assert None not in keys and len({key, *keys}) == len(keys) + 1
+    assert checks._signature(inputs, 4.0, 4) is None and checks._signature((query, "x"), 4, 4) is None
+    strided = checks._signature(inputs[:7] + (_strided_copy(residual), residual), 4, 4)
+    assert strided is None if compiled else strided == key
+
+
 def test_decode_attention_of_an_empty_batch_is_empty(kv_case):
     """No batch rows (or no heads) with a non-empty packed store: an empty result, no kernel launch
     (the backends size their splits per head)."""

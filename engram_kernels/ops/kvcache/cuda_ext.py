@@ -10,7 +10,10 @@ import functools
 from ...backends import require_extension
 from . import naive
 
-_ext = functools.partial(require_extension, "_C_kvcache_cuda")
+
+@functools.cache  # a missing extension raises again on the next call (exceptions are not cached)
+def _ext():
+    return require_extension("_C_kvcache_cuda")
 
 
 def quantize_keys(keys, bits, group_size):

@@ -174,15 +174,19 @@ def decode_attention(query, packed: PackedKV, residual_keys: Optional[Tensor] = 
     in fp32. Returns (B, Hq, Tq, D) in the query's dtype. `scale` defaults to D**-0.5.
     """
     p = packed
+    tracing = traced()
     checks.check_scale("decode_attention", scale)
-    checks.check_decode_attention(query, *p.tensors(), residual_keys, residual_values, p.bits, p.group_size,
-                                  values_checked(check_values))
+    contiguous = checks.check_decode_attention(query, *p.tensors(), residual_keys, residual_values, p.bits,
+                                               p.group_size, check_values and not tracing)
     b, _, _, d = query.shape
     if query.numel() == 0:  # no batch rows or no heads: nothing for a kernel to do
         return torch.empty_like(query, memory_format=torch.contiguous_format)
+    tensors = (query, *p.tensors())
     if residual_keys is None:
         residual_keys = residual_values = query.new_empty(b, p.key_codes.shape[1], 0, d)
+    if not contiguous:
+        tensors = tuple(t.contiguous() for t in tensors)
+        residual_keys, residual_values = residual_keys.contiguous(), residual_values.contiguous()
     scale = d ** -0.5 if scale is None else float(scale)
-    op = _decode_attention_op if traced() else _decode_attention
-    return op(query.contiguous(), *(t.contiguous() for t in p.tensors()), residual_keys.contiguous(),
-              residual_values.contiguous(), p.bits, p.group_size, scale)
+    op = _decode_attention_op if tracing else _decode_attention
+    return op(*tensors, residual_keys, residual_values, p.bits, p.group_size, scale)
