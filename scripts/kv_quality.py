@@ -72,7 +72,7 @@ def bytes_per_token(model, cache):
     per_token_bf16 = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * BF16_BYTES
     packed = sum(layer.packed.nbytes() for layer in cache.layers)
     packed_tokens = cache.layers[0].packed.num_tokens
-    residual_tokens = cache.layers[0].keys.shape[2] + cache.layers[0].sink_keys.shape[2]
+    residual_tokens = cache.layers[0].keys.shape[2]  # sinks and residual window
     total = (packed + residual_tokens * per_token_bf16) / (packed_tokens + residual_tokens)
     return packed / packed_tokens, total, per_token_bf16
 

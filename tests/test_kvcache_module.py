@@ -54,9 +54,9 @@ def test_generate_packed_equals_dequantized_copy(backend, bits, group_size, resi
             outputs[packed] = generate(model, cache, prompt)
             layer = cache.layers[0]
             total = PROMPT + NEW - 1
-            assert cache.get_seq_length() == total and layer.sink_keys.shape[2] == sinks
+            assert cache.get_seq_length() == total and layer.n_sinks == sinks
             assert layer.packed.num_tokens == (total - sinks - residual) // group_size * group_size
-            assert residual <= layer.keys.shape[2] < residual + group_size
+            assert residual <= layer.residual_tokens() < residual + group_size
     # Every decode step of every layer went through the packed kernel (and only with packing on).
     assert len(decode_calls) == (NEW - 1) * TINY["num_hidden_layers"]
     assert torch.equal(outputs[True], outputs[False])

@@ -49,8 +49,9 @@ _LAYER_ATTR = "_engram_kv_layer"  # set on the key states a packed layer hands t
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One layer's cache: a PackedKV store of the oldest tokens plus a full-precision residual
-    window (`self.keys`, `self.values`, shaped (B, H, R, D) as in DynamicLayer)."""
+    """One layer's cache: a PackedKV store plus the tokens held in full precision, `self.keys` and
+    `self.values` (B, H, S + R, D) as in DynamicLayer: the first S = `n_sinks` tokens (attention
+    sinks), then the residual window of the newest R. The packed tokens lie between the two."""
 
     is_croppable = False
 
@@ -81,7 +82,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def _empty(self, keys, values):
         self.keys, self.values = keys, values
-        self.sink_keys, self.sink_values = keys, values
+        self.n_sinks = 0
         self.packed = quantize_kv(keys, values, self.bits, self.group_size, check_values=False)
         self.cumulative_length, self._unread = 0, False
 
@@ -97,7 +98,9 @@ class QuantizedKVLayer(DynamicLayer):
         self.cumulative_length += key_states.shape[-2]
         self.keys = torch.cat([self.keys, self.rotated(key_states)], dim=-2)
         self.values = torch.cat([self.values, self.rotated(value_states)], dim=-2)
-        self._fill_sinks()
+        # The first `sink_length` tokens stay in full precision for good: attention sinks draw large
+        # weights, and their outlying keys would stretch the quantization range of their group.
+        self.n_sinks = min(self.sink_length, self.cumulative_length)
         self._flush()
         if prefill:  # the prompt attends to its own full-precision states
             return key_states, value_states
@@ -112,36 +115,30 @@ class QuantizedKVLayer(DynamicLayer):
         setattr(key_states, _LAYER_ATTR, self)
         return key_states, value_states
 
-    def _fill_sinks(self):
-        """The first `sink_length` tokens stay in full precision for good: attention sinks draw large
-        weights, and their outlying keys would stretch the quantization range of their group."""
-        n = min(self.sink_length - self.sink_keys.shape[-2], self.keys.shape[-2])
-        if n > 0:
-            self.sink_keys = torch.cat([self.sink_keys, self.keys[..., :n, :]], dim=-2)
-            self.sink_values = torch.cat([self.sink_values, self.values[..., :n, :]], dim=-2)
-            self.keys, self.values = self.keys[..., n:, :], self.values[..., n:, :]
-
     def full_precision(self):
         """(keys, values) held in full precision: the sinks, then the residual window. Attention
         is order-free, so the kernel may see the sinks after the packed tokens; only the newest
         tokens' order matters (causality), and they stay last."""
-        if self.sink_keys.shape[-2] == 0:
-            return self.keys, self.values
-        return torch.cat([self.sink_keys, self.keys], dim=-2), torch.cat([self.sink_values, self.values], dim=-2)
+        return self.keys, self.values
+
+    def residual_tokens(self):
+        """Tokens in the residual window (the full-precision tokens after the sinks)."""
+        return self.keys.shape[-2] - self.n_sinks
 
     def _flush(self):
         """Moves whole groups from the residual window into the packed store, keeping at least
         `residual_length` full-precision tokens."""
-        groups = (self.keys.shape[-2] - self.residual_length) // self.group_size
+        groups = (self.residual_tokens() - self.residual_length) // self.group_size
         if groups <= 0:
             return
-        n = groups * self.group_size
-        fresh = quantize_kv(self.keys[..., :n, :], self.values[..., :n, :], self.bits, self.group_size,
+        s, n = self.n_sinks, groups * self.group_size
+        fresh = quantize_kv(self.keys[..., s:s + n, :], self.values[..., s:s + n, :], self.bits, self.group_size,
                             check_values=False, key_clip=self.key_clip)
         self.packed = PackedKV(*(torch.cat([old, new], dim=2) for old, new in zip(self.packed.tensors(),
                                                                                  fresh.tensors())),
                                self.bits, self.group_size)
-        self.keys, self.values = self.keys[..., n:, :].contiguous(), self.values[..., n:, :].contiguous()
+        self.keys, self.values = (torch.cat([x[..., :s, :], x[..., s + n:, :]], dim=-2)
+                                  for x in (self.keys, self.values))
 
     def rotated(self, x, inverse=False):
         """x in the stored basis (x R), or back from it (x R^T); the identity without rotation."""
@@ -152,21 +149,21 @@ class QuantizedKVLayer(DynamicLayer):
 
     def dequantized(self):
         """(keys, values) of every cached token, the packed ones dequantized, in the cache dtype."""
-        p = self.packed
-        keys, values = naive.full_cache(*p.tensors(), self.keys, self.values, p.bits, p.group_size, self.dtype)
-        keys = torch.cat([self.sink_keys, keys], dim=-2)
-        values = torch.cat([self.sink_values, values], dim=-2)
+        p, s = self.packed, self.n_sinks
+        keys, values = naive.full_cache(*p.tensors(), self.keys[..., s:, :], self.values[..., s:, :], p.bits,
+                                        p.group_size, self.dtype)
+        keys = torch.cat([self.keys[..., :s, :], keys], dim=-2)
+        values = torch.cat([self.values[..., :s, :], values], dim=-2)
         return self.rotated(keys, inverse=True), self.rotated(values, inverse=True)
 
     def get_seq_length(self):
         return self.cumulative_length
 
     def nbytes(self):
-        """Bytes held: packed codes, scales and zero points, plus the residual window."""
+        """Bytes held: packed codes, scales and zero points, plus the sinks and the residual window."""
         if not self.is_initialized:
             return 0
-        return (self.packed.nbytes() + self.keys.nbytes + self.values.nbytes + self.sink_keys.nbytes
-                + self.sink_values.nbytes)
+        return self.packed.nbytes() + self.keys.nbytes + self.values.nbytes
 
     def crop(self, tokens_to_remove):
         raise NotImplementedError("QuantizedKVLayer cannot be cropped (packed tokens are not addressable)")
@@ -175,7 +172,6 @@ class QuantizedKVLayer(DynamicLayer):
         if self.is_initialized:
             beam_idx = beam_idx.to(self.device)
             self.keys, self.values = self.keys[beam_idx], self.values[beam_idx]
-            self.sink_keys, self.sink_values = self.sink_keys[beam_idx], self.sink_values[beam_idx]
             self.packed = PackedKV(*(t[beam_idx] for t in self.packed.tensors()), self.bits, self.group_size)
 
     def batch_repeat_interleave(self, repeats):
@@ -237,7 +233,7 @@ def packed_kv_attention(module, query, key, value, attention_mask, dropout=0.0, 
     q_len, kv_len = query.shape[2], layer.get_seq_length()
     unusual_mask = attention_mask is not None and not _plain_causal(attention_mask, q_len, kv_len)
     # With sinks, the new tokens must all still be in the residual window to come last (see full_precision).
-    out_of_order = layer.sink_keys.shape[-2] > 0 and q_len > layer.keys.shape[-2]
+    out_of_order = layer.n_sinks > 0 and q_len > layer.residual_tokens()
     if unusual_mask or out_of_order:  # the same numbers from the dequantized cache
         keys, values = layer.dequantized()
         if attention_mask is None:
