@@ -5,7 +5,7 @@ import time, torch, os, statistics
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from engram_kernels.modules import QuantizedKVCache, enable_packed_kv_attention
 from engram_kernels.ops.kvcache import checks, functional
-from engram_kernels import backends
+
 path=os.path.expanduser("~/.cache/engram_kernels/smollm2-135m-instruct")
 tok=AutoTokenizer.from_pretrained(path); model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 enable_packed_kv_attention(model)
@@ -17,7 +17,6 @@ def timed(name, fn):
     return w
 real_ext=checks.extension
 checks.check_decode_attention=timed("checks", checks.check_decode_attention)
-functional.decode_attention.__globals__  # same module
 orig_decode=functional.decode_attention
 import engram_kernels.modules.kv_cache as kvm
 kvm.decode_attention=timed("decode_attention", orig_decode)
