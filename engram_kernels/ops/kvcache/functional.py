@@ -174,19 +174,17 @@ def decode_attention(query, packed: PackedKV, residual_keys: Optional[Tensor] = 
     in fp32. Returns (B, Hq, Tq, D) in the query's dtype. `scale` defaults to D**-0.5.
     """
     p = packed
-    tracing = traced()
     checks.check_scale("decode_attention", scale)
     contiguous = checks.check_decode_attention(query, *p.tensors(), residual_keys, residual_values, p.bits,
-                                               p.group_size, check_values and not tracing)
+                                               p.group_size, values_checked(check_values))
     b, _, _, d = query.shape
     if query.numel() == 0:  # no batch rows or no heads: nothing for a kernel to do
         return torch.empty_like(query, memory_format=torch.contiguous_format)
-    tensors = (query, *p.tensors())
     if residual_keys is None:
         residual_keys = residual_values = query.new_empty(b, p.key_codes.shape[1], 0, d)
+    tensors = (query, *p.tensors(), residual_keys, residual_values)
     if not contiguous:
         tensors = tuple(t.contiguous() for t in tensors)
-        residual_keys, residual_values = residual_keys.contiguous(), residual_values.contiguous()
     scale = d ** -0.5 if scale is None else float(scale)
-    op = _decode_attention_op if tracing else _decode_attention
-    return op(*tensors, residual_keys, residual_values, p.bits, p.group_size, scale)
+    op = _decode_attention_op if traced() else _decode_attention
+    return op(*tensors, p.bits, p.group_size, scale)
