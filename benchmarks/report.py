@@ -6,7 +6,8 @@ Reads the files conftest.py writes and pytest-benchmark's --benchmark-json outpu
 a "benchmarks" list with params, extra_info and stats). The last column compares each row with the
 baseline its op family is judged against, for the same op, config and pass: the torch reference for
 the memory ops ("speedup vs torch"), stock SDPA over the uncompressed cache for KV decode
-("speedup vs sdpa"), and for LoRA the frozen layer without an adapter ("time / base", the
+("speedup vs sdpa"), transformers' DynamicCache for whole decode steps (kv_generate, "speedup vs
+dynamic"; a row is STEPS tokens), and for LoRA the frozen layer without an adapter ("time / base", the
 overhead a LoRA layer adds; 1.00 is the floor). On GPUs "mean ms" is the time per call
 of calls launched back to back; "sync call ms" the latency of one call followed by a synchronize.
 """
@@ -14,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-OPS = ("gather", "topk", "lookup", "adam_step", "lora", "kv_decode_int4", "kv_decode_int2")
+OPS = ("gather", "topk", "lookup", "adam_step", "lora", "kv_decode_int4", "kv_decode_int2", "kv_generate")
 CONFIGS = ("smollm2", "large", "large4096", "llama8b", "multi8", "multi64")
 PASSES = ("fwd", "bwd", "fwd_bwd", "decode")
-BACKENDS = ("base", "sdpa", "torch", "torch_best", "peft", "loop", "hf_quanto", "compiled", "cpu", "triton", "cuda")
+BACKENDS = ("base", "sdpa", "dynamic", "torch", "torch_best", "peft", "loop", "hf_quanto", "compiled", "cpu", "triton",
+            "cuda", "int4", "int2")
 COLUMNS = ("op", "config", "pass", "backend", "mean ms", "sync call ms", "GB/s", "% peak", "% roofline", "peak MB",
            "largest alloc MB", "vs baseline")
 MEASURED = ("gbps", "pct_peak", "pct_roofline", "peak_mb", "largest_alloc_mb")  # extra_info keys
@@ -45,11 +47,19 @@ def number(value, digits=1):
 
 def baseline_backend(op):
     """(backend, how the column reads) each op family is compared with."""
+    if op == "kv_generate":
+        return "dynamic", "speedup vs dynamic"
     if op.startswith("kv_"):
         return "sdpa", "speedup vs sdpa"
     if op == "lora":
         return "base", "time / base"
     return "torch", "speedup vs torch"
+
+
+def baseline_key(row):
+    """KV decode: the sdpa rows are timed once per config, under the int4 op only."""
+    op = "kv" if row["op"].startswith("kv_decode") else row["op"]
+    return op, row["config"], row["pass"]
 
 
 def compare(row, baseline_s):
@@ -64,13 +74,10 @@ def table(rows):
     baselines = {}
     for r in rows:
         if r["backend"] == baseline_backend(r["op"])[0]:
-            # KV decode: the sdpa rows are timed once per config, under the int4 op only.
-            key = ("kv", r["config"], r["pass"]) if r["op"].startswith("kv_") else (r["op"], r["config"], r["pass"])
-            baselines[key] = r["mean_s"]
+            baselines[baseline_key(r)] = r["mean_s"]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in sorted(rows, key=sort_key):
-        key = ("kv", r["config"], r["pass"]) if r["op"].startswith("kv_") else (r["op"], r["config"], r["pass"])
-        ref = baselines.get(key)
+        ref = baselines.get(baseline_key(r))
         info = r["info"]
         measured = [number(info.get(key)) for key in MEASURED]
         cells = [r["op"], r["config"], r["pass"], r["backend"], number(r["mean_s"] * 1e3, 2),

@@ -17,9 +17,10 @@
 # TESTS="a.py b.py" runs those test files only (default: all of tests/); TEST_SECONDS=n gives them n
 # seconds (default: up to 150, leaving the benchmarks two minutes).
 # BENCH_K="expr" passes -k expr to the benchmark run (e.g. BENCH_K="not compiled").
-# BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: LoRA, KV cache, memory:
-# the open targets first, and LoRA before the KV kernels, so that a KV kernel that faults the CUDA
-# context cannot take the LoRA numbers with it), so the ones that matter most run before a deadline.
+# BENCH_FILES="a.py b.py" runs those benchmark files in that order (default: LoRA, KV cache, whole
+# decode steps with each KV cache, memory: the open targets first, and LoRA before the KV kernels, so
+# that a KV kernel that faults the CUDA context cannot take the LoRA numbers with it), so the ones
+# that matter most run before a deadline.
 # Exit status: non-zero when the build or the tests failed.
 set -u
 
@@ -113,7 +114,7 @@ MARKER=$(mktemp)
 SELECT=()
 [ -n "${BENCH_K:-}" ] && SELECT=(-k "$BENCH_K")
 # SIGINT first: pytest then ends the session normally and still writes bench.json.
-timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest ${BENCH_FILES:-benchmarks/test_lora_bench.py benchmarks/test_kvcache_bench.py benchmarks/test_memory_bench.py} --benchmark-only -q -p no:cacheprovider \
+timeout -s INT -k 15 "$BENCH_LIMIT" python3 -m pytest ${BENCH_FILES:-benchmarks/test_lora_bench.py benchmarks/test_kvcache_bench.py benchmarks/test_kvcache_generate_bench.py benchmarks/test_memory_bench.py} --benchmark-only -q -p no:cacheprovider \
   --benchmark-json "$OUT/bench.json" --benchmark-columns=mean,stddev,rounds "${SELECT[@]}" >"$OUT/bench.log" 2>&1
 BENCH_RC=$?
 echo "benchmarks rc=$BENCH_RC"
