@@ -4,8 +4,12 @@
 What `generate` costs per new token once the prompt is in the cache, with the model's weights, the
 cache's own bookkeeping (appends, flushes into the packed store) and the attention of every layer
 in the time. Backends (the cache):
-  dynamic    transformers' DynamicCache (full precision) with SDPA: the baseline of every
-             `speedup_vs_dynamic` in extra_info;
+  dynamic    transformers' DynamicCache (full precision) with SDPA, generate's default: the
+             baseline of every `speedup_vs_dynamic` in extra_info. It appends by torch.cat, so each
+             step also copies the whole cache;
+  static     transformers' StaticCache (full precision, preallocated for the prompt and the
+             steps; written in place, attention over all of it under a mask) with SDPA: the
+             baseline of `speedup_vs_static`;
   int4, int2 QuantizedKVCache(bits=...) with enable_packed_kv_attention (decode_attention on the
              fastest available kernel backend; ENGRAM_BACKEND forces one);
   hf_quanto  transformers' QuantizedCache (optimum-quanto backend, int4), when installed.
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from engram_kernels.modules import QuantizedKVCache, enable_packed_kv_attention
 
@@ -45,9 +49,10 @@ CONFIGS = {
     "llama8b4l-32k-gpu_ctx": Config("llama8b-4-layers", 32768, "cuda"),
     "llama8b4l-128k-gpu_ctx": Config("llama8b-4-layers", 131072, "cuda"),
 }
-BACKENDS = ("dynamic", "int4", "int2", "hf_quanto")
+BACKENDS = ("dynamic", "static", "int4", "int2", "hf_quanto")
+BASELINES = ("dynamic", "static")
 PASSES = ("decode",)
-_dynamic_seconds = {}  # config -> mean seconds of the dynamic baseline (it runs first: conftest ordering)
+_baseline_seconds = {}  # (config, baseline) -> mean seconds (the baselines run first: conftest ordering)
 
 
 def rounds(device):
@@ -121,9 +126,11 @@ def release_models():
 
 # ---- the caches ---------------------------------------------------------------------------------
 
-def empty_cache(backend, model):
+def empty_cache(backend, model, context):
     if backend == "dynamic":
         return DynamicCache(config=model.config)
+    if backend == "static":
+        return StaticCache(config=model.config, max_cache_len=context + STEPS)
     if backend in ("int4", "int2"):
         return QuantizedKVCache(model.config, bits=int(backend[-1]))
     try:
@@ -135,7 +142,7 @@ def empty_cache(backend, model):
 
 def cache_from(backend, p: Prefilled):
     """A cache of `backend` holding the prompt: each layer's prefill keys and values handed to its update."""
-    cache = empty_cache(backend, p.model)
+    cache = empty_cache(backend, p.model, p.cache.get_seq_length())
     with torch.inference_mode():
         for index, layer in enumerate(p.cache.layers):
             cache.update(layer.keys, layer.values, index)
@@ -189,14 +196,14 @@ def test_kv_generate(benchmark, request, backend, config, pass_):
     warmup, timed = rounds(device)
     benchmark.pedantic(decode_steps, setup=fresh, rounds=timed, warmup_rounds=warmup)
     seconds = benchmark.stats.stats.mean
-    if backend == "dynamic":
-        _dynamic_seconds[config] = seconds
-    baseline = _dynamic_seconds.get(config)
+    if backend in BASELINES:
+        _baseline_seconds[config, backend] = seconds
+    speedups = {f"speedup_vs_{name}": round(_baseline_seconds[config, name] / seconds, 2)
+                for name in BASELINES if (config, name) in _baseline_seconds}
     benchmark.extra_info.update(
         op="kv_generate", device=str(device), model=c.model, dtype=str(p.model.dtype).removeprefix("torch."),
         context=c.context, steps=STEPS, ms_per_token=round(1e3 * seconds / STEPS, 3),
-        tokens_per_s=round(STEPS / seconds, 2), kv_mb=round(kv_bytes / 2**20, 2),
-        speedup_vs_dynamic=round(baseline / seconds, 2) if baseline else None)
+        tokens_per_s=round(STEPS / seconds, 2), kv_mb=round(kv_bytes / 2**20, 2), **speedups)
 
 
 def parametrize(test):
