@@ -24,7 +24,9 @@ QUANT_SHAPES = [(1, 1, 1, 64, 4, 32), (2, 3, 50, 64, 2, 32), (1, 2, 64, 128, 4, 
 # store, no residual window, packed lengths that do not fill a group.
 DECODE_SHAPES = [(1, 4, 4, 1, 64, 64, 16, 32), (2, 6, 2, 1, 64, 50, 0, 32), (1, 9, 3, 2, 64, 100, 7, 64),
                  (1, 8, 2, 1, 128, 130, 5, 64), (2, 4, 1, 3, 128, 64, 3, 32), (1, 2, 1, 1, 64, 0, 9, 32),
-                 (1, 4, 2, 2, 64, 33, 1, 128)]
+                 (1, 4, 2, 2, 64, 33, 1, 128),
+                 # 12 query tokens, no residual window: packed tokens masked for some rows, whole blocks for some
+                 (1, 2, 2, 12, 64, 48, 0, 32)]
 
 
 @pytest.fixture(params=CASES, ids=[f"{b}-{d}" for b, d in CASES])

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -27,6 +27,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kResidualBlock = 64;  // fp tokens per softmax block in the residual window
 
 inline float half_to_float(at::Half h) { return static_cast<float>(h); }
+
+// dst[i] = src[i] as float for i < n, 8 at a time where F16C is there.
+inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
 
 inline float dot(const float* a, const float* b, int64_t d) {
   float s = 0.f;
@@ -40,20 +50,28 @@ inline void axpy(float w, const float* x, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += w * x[i];
 }
 
+#if defined(__AVX2__)
+// Planar unpacking (below) for rows of a multiple of 8 bytes: each run of 8 channels, as floats, goes to
+// emit(first channel, codes), 8 / BITS runs per 8 bytes.
+template <int BITS, typename Emit>
+inline void unpack_runs(const uint8_t* src, int64_t bytes, Emit emit) {
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  for (int64_t j = 0; j < bytes; j += 8) {
+    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
+    for (int i = 0; i < 8 / BITS; ++i)
+      emit(i * bytes + j, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * i), mask)));
+  }
+}
+#endif
+
 // Planar packing: byte j of a row holds channels j, j + P, j + 2P, ... (P bytes per row).
 template <int BITS>
 inline void unpack_row(const uint8_t* src, float* dst, int64_t bytes) {
   constexpr int kPer = 8 / BITS;
   constexpr int kMask = (1 << BITS) - 1;
 #if defined(__AVX2__)
-  if (bytes % 8 == 0) {  // 8 bytes -> kPer runs of 8 floats
-    const __m256i mask = _mm256_set1_epi32(kMask);
-    for (int64_t j = 0; j < bytes; j += 8) {
-      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
-      for (int i = 0; i < kPer; ++i)
-        _mm256_storeu_ps(dst + i * bytes + j,
-                         _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * i), mask)));
-    }
+  if (bytes % 8 == 0) {
+    unpack_runs<BITS>(src, bytes, [dst](int64_t c, __m256 codes) { _mm256_storeu_ps(dst + c, codes); });
     return;
   }
 #endif
@@ -271,6 +289,32 @@ inline __m256 exp_nonpositive(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(dead, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
 }
+
+inline float hmax(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+
+// Lane t of the result is the sum of v[t]'s lanes (three rounds of pairwise sums, no per-vector
+// horizontal sum).
+inline __m256 transpose_sum8(const __m256* v) {
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  // ab = [v0..v3 lanes 0-3 | v0..v3 lanes 4-7], cd likewise for v4..v7
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
+// Lane t = <q, tile row t> for 8 consecutive tile rows of d floats (d a multiple of 8).
+inline __m256 scores8(const float* q, const float* tile, int64_t d) {
+  __m256 acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+    for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(tile + t * d + c), acc[t]);
+  }
+  return transpose_sum8(acc);
+}
 #define ENGRAM_AVX2 1
 #endif
 
@@ -295,8 +339,25 @@ inline void dots(const float* q, int64_t d, const float* k, float* out) {
 // s[r * ld + j] = bias[r] + <q row r, tile row j>, or -inf past the row's causal limit.
 void block_scores(const float* q, const float* bias, const float* tile, int64_t n, int64_t rows, int64_t d,
                   const int64_t* limit, int64_t first_pos, float* s, int64_t ld) {
+  int64_t j0 = 0;
+#ifdef ENGRAM_AVX2
+  if (d % 8 == 0) {  // 8 tokens at a time: one horizontal reduction per 8 scores, masking in lanes
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; j0 + 8 <= n; j0 += 8) {
+      for (int64_t r = 0; r < rows; ++r) {
+        __m256 sc = _mm256_add_ps(scores8(q + r * d, tile + j0 * d, d), _mm256_set1_ps(bias ? bias[r] : 0.f));
+        const int last = static_cast<int>(std::clamp<int64_t>(limit[r] - first_pos - j0, -1, 7));  // last lane seen
+        if (last < 7) {
+          const __m256 past = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(last)));
+          sc = _mm256_blendv_ps(sc, _mm256_set1_ps(kNegInf), past);
+        }
+        _mm256_storeu_ps(s + r * ld + j0, sc);
+      }
+    }
+  }
+#endif
   float out[4];
-  for (int64_t j = 0; j < n; ++j) {
+  for (int64_t j = j0; j < n; ++j) {
     const float* k = tile + j * d;
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
@@ -330,21 +391,36 @@ inline float exp_shifted(float* s, int64_t n, float mx) {
   return sum;
 }
 
-// acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows, each 8-channel slice held in registers
-// across the whole block of tokens.
+#ifdef ENGRAM_AVX2
+// Channels [c, c + 8 S) of acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows, held in registers across
+// the whole block of tokens: NR x S independent chains of FMAs (one chain per row stalls on the FMA's
+// latency at every token).
+template <int NR, int S>
+void accumulate_slices(const float* p, int64_t ld, const float* tile, int64_t n, int64_t d, int64_t c, float* acc) {
+  __m256 a[NR][S];
+  for (int i = 0; i < NR; ++i)
+    for (int k = 0; k < S; ++k) a[i][k] = _mm256_loadu_ps(acc + i * d + c + 8 * k);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = tile + j * d + c;
+    for (int i = 0; i < NR; ++i) {
+      const __m256 w = _mm256_broadcast_ss(p + i * ld + j);
+      for (int k = 0; k < S; ++k) a[i][k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * k), a[i][k]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int k = 0; k < S; ++k) _mm256_storeu_ps(acc + i * d + c + 8 * k, a[i][k]);
+}
+#endif
+
+// acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows.
 template <int NR>
 void accumulate_rows(const float* p, int64_t ld, const float* tile, int64_t n, int64_t d, float* acc) {
 #ifdef ENGRAM_AVX2
   if (d % 8 == 0) {
-    for (int64_t c = 0; c < d; c += 8) {
-      __m256 a[NR];
-      for (int i = 0; i < NR; ++i) a[i] = _mm256_loadu_ps(acc + i * d + c);
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 v = _mm256_loadu_ps(tile + j * d + c);
-        for (int i = 0; i < NR; ++i) a[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + i * ld + j), v, a[i]);
-      }
-      for (int i = 0; i < NR; ++i) _mm256_storeu_ps(acc + i * d + c, a[i]);
-    }
+    constexpr int S = NR >= 3 ? 2 : 4;  // 4-8 chains, each with its register (more spill on AVX2)
+    int64_t c = 0;
+    for (; c + 8 * S <= d; c += 8 * S) accumulate_slices<NR, S>(p, ld, tile, n, d, c, acc);
+    for (; c < d; c += 8) accumulate_slices<NR, 1>(p, ld, tile, n, d, c, acc);
     return;
   }
 #endif
@@ -362,17 +438,35 @@ void block_accumulate(const float* p, int64_t ld, const float* tile, int64_t n, 
   for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, tile, n, d, acc + r * d);
 }
 
+// max(init, s[0..n)); a vector max instead of a chain of n dependent scalar ones.
+inline float max_of(const float* s, int64_t n, float init) {
+  float mx = init;
+  int64_t j = 0;
+#ifdef ENGRAM_AVX2
+  __m256 m = _mm256_set1_ps(init);
+  for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + j));
+  mx = hmax(m);
+#endif
+  for (; j < n; ++j) mx = std::max(mx, s[j]);
+  return mx;
+}
+
 // The running softmax state of one work item: max, sum and unnormalized output per query row.
 struct SoftmaxState {
   std::vector<float> m, l, acc;
   SoftmaxState(int64_t rows, int64_t d) : m(rows, kNegInf), l(rows, 0.f), acc(rows * d, 0.f) {}
 
+  void reset() {
+    std::fill(m.begin(), m.end(), kNegInf);
+    std::fill(l.begin(), l.end(), 0.f);
+    std::fill(acc.begin(), acc.end(), 0.f);
+  }
+
   // Folds scores s (rows x n, leading dim ld) into the state; leaves the probabilities in s.
   void fold(float* s, int64_t rows, int64_t n, int64_t ld, int64_t d) {
     for (int64_t r = 0; r < rows; ++r) {
       float* sr = s + r * ld;
-      float mx = m[r];
-      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sr[j]);
+      const float mx = max_of(sr, n, m[r]);
       if (mx == kNegInf) {  // every token of this block is masked for this row
         std::fill(sr, sr + n, 0.f);
         continue;
@@ -393,6 +487,17 @@ struct DecodeInputs {
   const float *residual_keys, *residual_values;
 };
 
+// One thread's buffers, allocated once per call and reused by every work item it takes: the query
+// rows of the item's KV head and their causal limits, the key group's folded parameters, a tile of
+// unpacked codes and a block of scores.
+struct ItemBuffers {
+  std::vector<float> q, qs, qz, tmp, tile, s;
+  std::vector<int64_t> limit;
+  explicit ItemBuffers(const DecodeShape& sh)
+      : q(sh.rows() * sh.d), qs(q.size()), qz(sh.rows()), tmp(sh.d), tile(std::max(sh.group, kResidualBlock) * sh.d),
+        s(sh.rows() * std::max(sh.group, kResidualBlock)), limit(sh.rows()) {}
+};
+
 // Query rows of one KV head, and the last key position each may see (causal).
 void gather_rows(const DecodeInputs& in, const DecodeShape& sh, int64_t b, int64_t kvh, float* q,
                  int64_t* limit) {
@@ -406,9 +511,9 @@ void gather_rows(const DecodeInputs& in, const DecodeShape& sh, int64_t b, int64
 // Key group g's per-channel parameters folded into the query rows: qs = q * scale, qz = <q, zero>.
 void fold_key_params(const at::Half* ks, const at::Half* kz, const float* q, int64_t rows, int64_t d, float* qs,
                      float* qz, float* tmp) {
-  for (int64_t c = 0; c < d; ++c) tmp[c] = half_to_float(kz[c]);
+  halves_to_floats(kz, tmp, d);
   for (int64_t r = 0; r < rows; ++r) qz[r] = dot(q + r * d, tmp, d);
-  for (int64_t c = 0; c < d; ++c) tmp[c] = half_to_float(ks[c]);
+  halves_to_floats(ks, tmp, d);
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < d; ++c) qs[r * d + c] = q[r * d + c] * tmp[c];
 }
@@ -417,6 +522,32 @@ template <int BITS>
 void dequantize_value_tile(const uint8_t* codes, const at::Half* vs, const at::Half* vz, int64_t n,
                            const DecodeShape& sh, float* tile) {
   const int64_t d = sh.d, n_vgroups = d / sh.gv;
+#ifdef ENGRAM_AVX2
+  constexpr int64_t kMaxRuns = 32;
+  if (sh.bytes % 8 == 0 && sh.gv % 8 == 0 && d <= 8 * kMaxRuns) {
+    // Scaled as they are unpacked, in registers: a second pass would reload each run right after its
+    // store, which stalls where the compiler widens that pass beyond the 8-float stores.
+    int32_t run_group[kMaxRuns];
+    for (int64_t run = 0; run < d / 8; ++run) run_group[run] = static_cast<int32_t>(run * 8 / sh.gv);
+    constexpr int64_t kChunk = 2 * kMaxRuns;  // scales (and zeros) converted from fp16 at once
+    float scales[kChunk], zeros[kChunk];
+    const int64_t per_chunk = kChunk / n_vgroups;  // tokens
+    for (int64_t j0 = 0; j0 < n; j0 += per_chunk) {
+      const int64_t m = std::min(per_chunk, n - j0);
+      halves_to_floats(vs + j0 * n_vgroups, scales, m * n_vgroups);
+      halves_to_floats(vz + j0 * n_vgroups, zeros, m * n_vgroups);
+      for (int64_t j = 0; j < m; ++j) {
+        const float *sc = scales + j * n_vgroups, *zr = zeros + j * n_vgroups;
+        float* row = tile + (j0 + j) * d;
+        unpack_runs<BITS>(codes + (j0 + j) * sh.bytes, sh.bytes, [&](int64_t c, __m256 v) {
+          const int32_t g = run_group[c >> 3];
+          _mm256_storeu_ps(row + c, _mm256_fmadd_ps(v, _mm256_broadcast_ss(sc + g), _mm256_broadcast_ss(zr + g)));
+        });
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) {
     float* row = tile + j * d;
     unpack_row<BITS>(codes + j * sh.bytes, row, sh.bytes);
@@ -431,37 +562,38 @@ void dequantize_value_tile(const uint8_t* codes, const at::Half* vs, const at::H
 // Packed key groups [g0, g1) of one (batch, KV head) into `state`.
 template <int BITS>
 void attend_packed(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, int64_t g0, int64_t g1,
-                   const float* q, const int64_t* limit, SoftmaxState& state) {
+                   ItemBuffers& b, SoftmaxState& state) {
   const int64_t rows = sh.rows(), d = sh.d, n_groups = (sh.packed_len + sh.group - 1) / sh.group;
   const int64_t n_vgroups = d / sh.gv;
-  std::vector<float> qs(rows * d), qz(rows), tmp(d), tile(sh.group * d), s(rows * sh.group);
+  float *qs = b.qs.data(), *qz = b.qz.data(), *tile = b.tile.data(), *s = b.s.data();
   const uint8_t* kc = in.key_codes + bh * sh.packed_len * sh.bytes;
   const uint8_t* vc = in.value_codes + bh * sh.packed_len * sh.bytes;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t t0 = g * sh.group, n = std::min(sh.group, sh.packed_len - t0);
-    fold_key_params(in.key_scale + (bh * n_groups + g) * d, in.key_zero + (bh * n_groups + g) * d, q, rows, d,
-                    qs.data(), qz.data(), tmp.data());
-    for (int64_t j = 0; j < n; ++j) unpack_row<BITS>(kc + (t0 + j) * sh.bytes, tile.data() + j * d, sh.bytes);
-    block_scores(qs.data(), qz.data(), tile.data(), n, rows, d, limit, t0, s.data(), sh.group);
-    state.fold(s.data(), rows, n, sh.group, d);
+    fold_key_params(in.key_scale + (bh * n_groups + g) * d, in.key_zero + (bh * n_groups + g) * d, b.q.data(),
+                    rows, d, qs, qz, b.tmp.data());
+    for (int64_t j = 0; j < n; ++j) unpack_row<BITS>(kc + (t0 + j) * sh.bytes, tile + j * d, sh.bytes);
+    block_scores(qs, qz, tile, n, rows, d, b.limit.data(), t0, s, sh.group);
+    state.fold(s, rows, n, sh.group, d);
     const int64_t vrow = bh * sh.packed_len + t0;
     dequantize_value_tile<BITS>(vc + t0 * sh.bytes, in.value_scale + vrow * n_vgroups,
-                                in.value_zero + vrow * n_vgroups, n, sh, tile.data());
-    block_accumulate(s.data(), sh.group, tile.data(), n, rows, d, state.acc.data());
+                                in.value_zero + vrow * n_vgroups, n, sh, tile);
+    block_accumulate(s, sh.group, tile, n, rows, d, state.acc.data());
   }
 }
 
-void attend_residual(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, const float* q,
-                     const int64_t* limit, SoftmaxState& state) {
+void attend_residual(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, ItemBuffers& b,
+                     SoftmaxState& state) {
   const int64_t rows = sh.rows(), d = sh.d;
-  std::vector<float> s(rows * kResidualBlock);
+  float* s = b.s.data();
   const float* keys = in.residual_keys + bh * sh.residual_len * d;
   const float* values = in.residual_values + bh * sh.residual_len * d;
   for (int64_t t0 = 0; t0 < sh.residual_len; t0 += kResidualBlock) {
     const int64_t n = std::min(kResidualBlock, sh.residual_len - t0);
-    block_scores(q, nullptr, keys + t0 * d, n, rows, d, limit, sh.packed_len + t0, s.data(), kResidualBlock);
-    state.fold(s.data(), rows, n, kResidualBlock, d);
-    block_accumulate(s.data(), kResidualBlock, values + t0 * d, n, rows, d, state.acc.data());
+    block_scores(b.q.data(), nullptr, keys + t0 * d, n, rows, d, b.limit.data(), sh.packed_len + t0, s,
+                 kResidualBlock);
+    state.fold(s, rows, n, kResidualBlock, d);
+    block_accumulate(s, kResidualBlock, values + t0 * d, n, rows, d, state.acc.data());
   }
 }
 
@@ -486,18 +618,18 @@ void decode_impl(const DecodeInputs& in, const DecodeShape& sh, float* out) {
   const int64_t n_items = heads * items_per_head;
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_items)))
   {
-    std::vector<float> q(rows * d);
-    std::vector<int64_t> limit(rows);
+    ItemBuffers buffers(sh);
+    SoftmaxState state(rows, d);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < n_items; ++item) {
       const int64_t bh = item / items_per_head, split = item % items_per_head;
-      gather_rows(in, sh, bh / sh.kv_heads, bh % sh.kv_heads, q.data(), limit.data());
-      SoftmaxState state(rows, d);
+      gather_rows(in, sh, bh / sh.kv_heads, bh % sh.kv_heads, buffers.q.data(), buffers.limit.data());
+      state.reset();
       if (split == items_per_head - 1) {
-        attend_residual(in, sh, bh, q.data(), limit.data(), state);
+        attend_residual(in, sh, bh, buffers, state);
       } else {
         const int64_t g0 = split * groups_per_split, g1 = std::min(g0 + groups_per_split, n_groups);
-        attend_packed<BITS>(in, sh, bh, g0, g1, q.data(), limit.data(), state);
+        attend_packed<BITS>(in, sh, bh, g0, g1, buffers, state);
       }
       std::copy(state.m.begin(), state.m.end(), part_m.begin() + item * rows);
       std::copy(state.l.begin(), state.l.end(), part_l.begin() + item * rows);
