@@ -4,7 +4,8 @@
 //
 // decode_attention never dequantizes the cache into memory: it streams the packed codes, one key
 // group at a time, folding each group's scale into the query (q.k = sum_c (q_c s_c) code_c + sum_c
-// q_c z_c), and runs an online softmax. Work items are (batch, KV head, split of the tokens), so
+// q_c z_c) and each token's value scale into its probability (p.v = sum_j (p_j s_j) code_j + sum_j
+// p_j z_j per value group), and runs an online softmax. Work items are (batch, KV head, split of the tokens), so
 // even batch 1 with few KV heads keeps every core busy; the splits are merged at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -50,28 +51,20 @@ inline void axpy(float w, const float* x, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += w * x[i];
 }
 
-#if defined(__AVX2__)
-// Planar unpacking (below) for rows of a multiple of 8 bytes: each run of 8 channels, as floats, goes to
-// emit(first channel, codes), 8 / BITS runs per 8 bytes.
-template <int BITS, typename Emit>
-inline void unpack_runs(const uint8_t* src, int64_t bytes, Emit emit) {
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  for (int64_t j = 0; j < bytes; j += 8) {
-    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
-    for (int i = 0; i < 8 / BITS; ++i)
-      emit(i * bytes + j, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * i), mask)));
-  }
-}
-#endif
-
 // Planar packing: byte j of a row holds channels j, j + P, j + 2P, ... (P bytes per row).
 template <int BITS>
 inline void unpack_row(const uint8_t* src, float* dst, int64_t bytes) {
   constexpr int kPer = 8 / BITS;
   constexpr int kMask = (1 << BITS) - 1;
 #if defined(__AVX2__)
-  if (bytes % 8 == 0) {
-    unpack_runs<BITS>(src, bytes, [dst](int64_t c, __m256 codes) { _mm256_storeu_ps(dst + c, codes); });
+  if (bytes % 8 == 0) {  // 8 bytes -> kPer runs of 8 floats
+    const __m256i mask = _mm256_set1_epi32(kMask);
+    for (int64_t j = 0; j < bytes; j += 8) {
+      const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + j)));
+      for (int i = 0; i < kPer; ++i)
+        _mm256_storeu_ps(dst + i * bytes + j,
+                         _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(x, BITS * i), mask)));
+    }
     return;
   }
 #endif
@@ -412,30 +405,31 @@ void accumulate_slices(const float* p, int64_t ld, const float* tile, int64_t n,
 }
 #endif
 
-// acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows.
+// Channels [c0, c1) of acc[r] += sum_j p[r * ld + j] * tile[j] for NR rows (tile and acc rows: d floats).
 template <int NR>
-void accumulate_rows(const float* p, int64_t ld, const float* tile, int64_t n, int64_t d, float* acc) {
+void accumulate_rows(const float* p, int64_t ld, const float* tile, int64_t n, int64_t d, int64_t c0, int64_t c1,
+                     float* acc) {
 #ifdef ENGRAM_AVX2
-  if (d % 8 == 0) {
+  if (d % 8 == 0 && c0 % 8 == 0 && c1 % 8 == 0) {
     constexpr int S = NR >= 3 ? 2 : 4;  // 4-8 chains, each with its register (more spill on AVX2)
-    int64_t c = 0;
-    for (; c + 8 * S <= d; c += 8 * S) accumulate_slices<NR, S>(p, ld, tile, n, d, c, acc);
-    for (; c < d; c += 8) accumulate_slices<NR, 1>(p, ld, tile, n, d, c, acc);
+    int64_t c = c0;
+    for (; c + 8 * S <= c1; c += 8 * S) accumulate_slices<NR, S>(p, ld, tile, n, d, c, acc);
+    for (; c < c1; c += 8) accumulate_slices<NR, 1>(p, ld, tile, n, d, c, acc);
     return;
   }
 #endif
   for (int i = 0; i < NR; ++i)
     for (int64_t j = 0; j < n; ++j)
-      if (p[i * ld + j] != 0.f) axpy(p[i * ld + j], tile + j * d, acc + i * d, d);
+      if (p[i * ld + j] != 0.f) axpy(p[i * ld + j], tile + j * d + c0, acc + i * d + c0, c1 - c0);
 }
 
-void block_accumulate(const float* p, int64_t ld, const float* tile, int64_t n, int64_t rows, int64_t d,
-                      float* acc) {
+void block_accumulate(const float* p, int64_t ld, const float* tile, int64_t n, int64_t rows, int64_t d, int64_t c0,
+                      int64_t c1, float* acc) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) accumulate_rows<4>(p + r * ld, ld, tile, n, d, acc + r * d);
-  if (rows - r == 3) return accumulate_rows<3>(p + r * ld, ld, tile, n, d, acc + r * d);
-  for (; r + 2 <= rows; r += 2) accumulate_rows<2>(p + r * ld, ld, tile, n, d, acc + r * d);
-  for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, tile, n, d, acc + r * d);
+  for (; r + 4 <= rows; r += 4) accumulate_rows<4>(p + r * ld, ld, tile, n, d, c0, c1, acc + r * d);
+  if (rows - r == 3) return accumulate_rows<3>(p + r * ld, ld, tile, n, d, c0, c1, acc + r * d);
+  for (; r + 2 <= rows; r += 2) accumulate_rows<2>(p + r * ld, ld, tile, n, d, c0, c1, acc + r * d);
+  for (; r < rows; ++r) accumulate_rows<1>(p + r * ld, ld, tile, n, d, c0, c1, acc + r * d);
 }
 
 // max(init, s[0..n)); a vector max instead of a chain of n dependent scalar ones.
@@ -488,14 +482,15 @@ struct DecodeInputs {
 };
 
 // One thread's buffers, allocated once per call and reused by every work item it takes: the query
-// rows of the item's KV head and their causal limits, the key group's folded parameters, a tile of
-// unpacked codes and a block of scores.
+// rows of the item's KV head and their causal limits, a key group's folded parameters, a tile of
+// unpacked codes, a block of scores, and the block's value parameters folded into its probabilities.
 struct ItemBuffers {
-  std::vector<float> q, qs, qz, tmp, tile, s;
+  std::vector<float> q, qs, qz, tmp, tile, s, scales, zeros, pv, zsum;
   std::vector<int64_t> limit;
   explicit ItemBuffers(const DecodeShape& sh)
       : q(sh.rows() * sh.d), qs(q.size()), qz(sh.rows()), tmp(sh.d), tile(std::max(sh.group, kResidualBlock) * sh.d),
-        s(sh.rows() * std::max(sh.group, kResidualBlock)), limit(sh.rows()) {}
+        s(sh.rows() * std::max(sh.group, kResidualBlock)), scales(sh.group * (sh.d / sh.gv)), zeros(scales.size()),
+        pv(sh.rows() * scales.size()), zsum(sh.rows() * (sh.d / sh.gv)), limit(sh.rows()) {}
 };
 
 // Query rows of one KV head, and the last key position each may see (causal).
@@ -518,45 +513,47 @@ void fold_key_params(const at::Half* ks, const at::Half* kz, const float* q, int
     for (int64_t c = 0; c < d; ++c) qs[r * d + c] = q[r * d + c] * tmp[c];
 }
 
-template <int BITS>
-void dequantize_value_tile(const uint8_t* codes, const at::Half* vs, const at::Half* vz, int64_t n,
-                           const DecodeShape& sh, float* tile) {
-  const int64_t d = sh.d, n_vgroups = d / sh.gv;
+// out[j] = p[j] * sc[j]; returns sum_j p[j] * zr[j].
+inline float scale_probabilities(const float* p, const float* sc, const float* zr, int64_t n, float* out) {
+  float z = 0.f;
+  int64_t j = 0;
 #ifdef ENGRAM_AVX2
-  constexpr int64_t kMaxRuns = 32;
-  if (sh.bytes % 8 == 0 && sh.gv % 8 == 0 && d <= 8 * kMaxRuns) {
-    // Scaled as they are unpacked, in registers: a second pass would reload each run right after its
-    // store, which stalls where the compiler widens that pass beyond the 8-float stores.
-    int32_t run_group[kMaxRuns];
-    for (int64_t run = 0; run < d / 8; ++run) run_group[run] = static_cast<int32_t>(run * 8 / sh.gv);
-    constexpr int64_t kChunk = 2 * kMaxRuns;  // scales (and zeros) converted from fp16 at once
-    float scales[kChunk], zeros[kChunk];
-    const int64_t per_chunk = kChunk / n_vgroups;  // tokens
-    for (int64_t j0 = 0; j0 < n; j0 += per_chunk) {
-      const int64_t m = std::min(per_chunk, n - j0);
-      halves_to_floats(vs + j0 * n_vgroups, scales, m * n_vgroups);
-      halves_to_floats(vz + j0 * n_vgroups, zeros, m * n_vgroups);
-      for (int64_t j = 0; j < m; ++j) {
-        const float *sc = scales + j * n_vgroups, *zr = zeros + j * n_vgroups;
-        float* row = tile + (j0 + j) * d;
-        unpack_runs<BITS>(codes + (j0 + j) * sh.bytes, sh.bytes, [&](int64_t c, __m256 v) {
-          const int32_t g = run_group[c >> 3];
-          _mm256_storeu_ps(row + c, _mm256_fmadd_ps(v, _mm256_broadcast_ss(sc + g), _mm256_broadcast_ss(zr + g)));
-        });
-      }
-    }
-    return;
+  __m256 zs = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 pj = _mm256_loadu_ps(p + j);
+    _mm256_storeu_ps(out + j, _mm256_mul_ps(pj, _mm256_loadu_ps(sc + j)));
+    zs = _mm256_fmadd_ps(pj, _mm256_loadu_ps(zr + j), zs);
   }
+  z = hsum(zs);
 #endif
-  for (int64_t j = 0; j < n; ++j) {
-    float* row = tile + j * d;
-    unpack_row<BITS>(codes + j * sh.bytes, row, sh.bytes);
-    for (int64_t vg = 0; vg < n_vgroups; ++vg) {
-      const float sc = half_to_float(vs[j * n_vgroups + vg]), zr = half_to_float(vz[j * n_vgroups + vg]);
-#pragma omp simd
-      for (int64_t c = vg * sh.gv; c < (vg + 1) * sh.gv; ++c) row[c] = row[c] * sc + zr;
-    }
+  for (; j < n; ++j) {
+    out[j] = p[j] * sc[j];
+    z += p[j] * zr[j];
   }
+  return z;
+}
+
+// A block's value parameters folded into its probabilities p (rows x n, leading dim ld): values are
+// quantized per token, so per value group sum_j p_j (s_j code_j + z_j) = sum_j (p_j s_j) code_j +
+// sum_j p_j z_j, and the codes need no dequantizing. Writes pv[(vg * rows + r) * ld + j] =
+// p[r * ld + j] * scale[j][vg] and zsum[r * nvg + vg] = sum_j p[r * ld + j] * zero[j][vg]; `scales`
+// and `zeros` (n x nvg floats each) are scratch.
+void fold_value_params(const at::Half* vs, const at::Half* vz, const float* p, int64_t n, int64_t rows, int64_t nvg,
+                       int64_t ld, float* scales, float* zeros, float* pv, float* zsum) {
+  if (nvg == 1) {
+    halves_to_floats(vs, scales, n);
+    halves_to_floats(vz, zeros, n);
+  } else {  // one row of n per value group
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t vg = 0; vg < nvg; ++vg) {
+        scales[vg * n + j] = half_to_float(vs[j * nvg + vg]);
+        zeros[vg * n + j] = half_to_float(vz[j * nvg + vg]);
+      }
+  }
+  for (int64_t vg = 0; vg < nvg; ++vg)
+    for (int64_t r = 0; r < rows; ++r)
+      zsum[r * nvg + vg] = scale_probabilities(p + r * ld, scales + vg * n, zeros + vg * n, n,
+                                               pv + (vg * rows + r) * ld);
 }
 
 // Packed key groups [g0, g1) of one (batch, KV head) into `state`.
@@ -576,9 +573,16 @@ void attend_packed(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, in
     block_scores(qs, qz, tile, n, rows, d, b.limit.data(), t0, s, sh.group);
     state.fold(s, rows, n, sh.group, d);
     const int64_t vrow = bh * sh.packed_len + t0;
-    dequantize_value_tile<BITS>(vc + t0 * sh.bytes, in.value_scale + vrow * n_vgroups,
-                                in.value_zero + vrow * n_vgroups, n, sh, tile);
-    block_accumulate(s, sh.group, tile, n, rows, d, state.acc.data());
+    fold_value_params(in.value_scale + vrow * n_vgroups, in.value_zero + vrow * n_vgroups, s, n, rows, n_vgroups,
+                      sh.group, b.scales.data(), b.zeros.data(), b.pv.data(), b.zsum.data());
+    for (int64_t j = 0; j < n; ++j) unpack_row<BITS>(vc + (t0 + j) * sh.bytes, tile + j * d, sh.bytes);
+    for (int64_t vg = 0; vg < n_vgroups; ++vg) {
+      float* acc = state.acc.data();
+      block_accumulate(b.pv.data() + vg * rows * sh.group, sh.group, tile, n, rows, d, vg * sh.gv, (vg + 1) * sh.gv,
+                       acc);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = vg * sh.gv; c < (vg + 1) * sh.gv; ++c) acc[r * d + c] += b.zsum[r * n_vgroups + vg];
+    }
   }
 }
 
@@ -593,7 +597,7 @@ void attend_residual(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, 
     block_scores(b.q.data(), nullptr, keys + t0 * d, n, rows, d, b.limit.data(), sh.packed_len + t0, s,
                  kResidualBlock);
     state.fold(s, rows, n, kResidualBlock, d);
-    block_accumulate(s, kResidualBlock, values + t0 * d, n, rows, d, state.acc.data());
+    block_accumulate(s, kResidualBlock, values + t0 * d, n, rows, d, 0, d, state.acc.data());
   }
 }
 
