@@ -5,8 +5,8 @@
 // decode_attention never dequantizes the cache into memory: it streams the packed codes, one key
 // group at a time, folding each group's scale into the query (q.k = sum_c (q_c s_c) code_c + sum_c
 // q_c z_c) and each token's value scale into its probability (p.v = sum_j (p_j s_j) code_j + sum_j
-// p_j z_j per value group), and runs an online softmax. Work items are (batch, KV head, split of the tokens), so
-// even batch 1 with few KV heads keeps every core busy; the splits are merged at the end.
+// p_j z_j per value group), and runs an online softmax. Work items are (batch, KV head, split of the
+// tokens), so even batch 1 with few KV heads keeps every core busy; the splits are merged at the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -411,7 +411,7 @@ void accumulate_rows(const float* p, int64_t ld, const float* tile, int64_t n, i
                      float* acc) {
 #ifdef ENGRAM_AVX2
   if (d % 8 == 0 && c0 % 8 == 0 && c1 % 8 == 0) {
-    constexpr int S = NR >= 3 ? 2 : 4;  // 4-8 chains, each with its register (more spill on AVX2)
+    constexpr int S = NR >= 3 ? 2 : 4;  // 4-8 chains: more would spill AVX2's 16 registers
     int64_t c = c0;
     for (; c + 8 * S <= c1; c += 8 * S) accumulate_slices<NR, S>(p, ld, tile, n, d, c, acc);
     for (; c < c1; c += 8) accumulate_slices<NR, 1>(p, ld, tile, n, d, c, acc);
@@ -576,8 +576,8 @@ void attend_packed(const DecodeInputs& in, const DecodeShape& sh, int64_t bh, in
     fold_value_params(in.value_scale + vrow * n_vgroups, in.value_zero + vrow * n_vgroups, s, n, rows, n_vgroups,
                       sh.group, b.scales.data(), b.zeros.data(), b.pv.data(), b.zsum.data());
     for (int64_t j = 0; j < n; ++j) unpack_row<BITS>(vc + (t0 + j) * sh.bytes, tile + j * d, sh.bytes);
+    float* acc = state.acc.data();
     for (int64_t vg = 0; vg < n_vgroups; ++vg) {
-      float* acc = state.acc.data();
       block_accumulate(b.pv.data() + vg * rows * sh.group, sh.group, tile, n, rows, d, vg * sh.gv, (vg + 1) * sh.gv,
                        acc);
       for (int64_t r = 0; r < rows; ++r)
