@@ -20,6 +20,7 @@ lookup, argument preparation).
     -k "cpu_ctx"   the CPU configs          -k "gpu_ctx"   the GPU configs (about 30 s on an H100)
 """
 import dataclasses
+import functools
 import time
 
 import pytest
@@ -178,17 +179,22 @@ def run_benchmark(benchmark, request, backend, config, bits):
         benchmark.extra_info["triton_launch_ms"] = triton_launch_timings()
 
 
-def checks_us(x, bits, calls=2000):
-    """Host time of decode_attention's input checks per call (median of 5 loops), the part of a
-    call's host overhead that does not depend on the backend."""
-    args = (x.query, *x.packed[bits].tensors(), x.residual_keys, x.residual_values, bits, GROUP, False)
+def median_us(fn, calls=2000):
+    """Microseconds per call of fn, the median of 5 loops of `calls` calls."""
     loops = []
     for _ in range(5):
         start = time.perf_counter()
         for _ in range(calls):
-            checks.check_decode_attention(*args)
+            fn()
         loops.append((time.perf_counter() - start) / calls * 1e6)
     return round(sorted(loops)[2], 2)
+
+
+def checks_us(x, bits):
+    """Host time of decode_attention's input checks per call, the part of a call's host overhead that
+    does not depend on the backend."""
+    args = (x.query, *x.packed[bits].tensors(), x.residual_keys, x.residual_values, bits, GROUP, False)
+    return median_us(functools.partial(checks.check_decode_attention, *args))
 
 
 class _NoKernel:
@@ -198,25 +204,18 @@ class _NoKernel:
         return query
 
 
-def python_us(x, bits, calls=2000):
+def python_us(x, bits):
     """Host time per decode_attention call of everything before the backend's kernel wrapper (checks,
-    backend lookup, argument preparation), with that wrapper replaced by a no-op: median of 5 loops."""
+    backend lookup, argument preparation), with that wrapper replaced by a no-op."""
     def lookup_then_skip(device):
         functional.backends.op_module("kvcache", device)
         return _NoKernel
 
     real, functional.backend_module = functional.backend_module, lookup_then_skip
     try:
-        fn = decode_fn("cuda", None, x, bits)  # any kernel backend: the call is the same up to the kernel
-        loops = []
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            loops.append((time.perf_counter() - start) / calls * 1e6)
+        return median_us(decode_fn("cuda", None, x, bits))  # any kernel backend: the same call up to the kernel
     finally:
         functional.backend_module = real
-    return round(sorted(loops)[2], 2)
 
 
 def triton_launch_timings():

@@ -1,10 +1,12 @@
-"""What a LoRA layer whose frozen GEMMs go through oneDNN (weight packed once) would cost on this
-machine, against `base` as the suite times it (torch's fp32 linear: MKL). A prototype in torch ops, not the
-package's backend: `smollm2` shapes (4096 x 576 -> 1536, r 16, fp32, 2 threads), forward + backward
-(dx, dA, dB; no dW), one adapter and 64 adapters of 64 rows each (the suite's multi64 assigns them
-unevenly). Best of 5 loops of 5 calls.
+"""The LoRA `smollm2` shapes (4096 x 576 -> 1536, r 16, fp32, 2 threads) with the frozen weight's GEMMs
+through torch (MKL's sgemm) and through oneDNN with the weight packed once (what torch.compile's CPU
+freezing uses). First the two frozen GEMMs alone (y = x W^T and dx = dy W, GFLOP/s), then a prototype
+LoRA layer in torch ops (not the package's backend): frozen forward and dx through oneDNN, the adapter
+branch and dx, dA, dB terms by torch GEMMs, one adapter and 64 adapters of 64 rows each (the suite's
+multi64 assigns them unevenly), against `base` as the suite times it (F.linear and autograd's dx).
+Best of 5 loops of 5-20 calls.
 
-    python benchmarks/results/logs/amd-epyc-20261128-lora-onednn-prototype.py
+    python benchmarks/results/logs/amd-epyc-20261128-lora-onednn.py
 """
 import time
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 torch.set_num_threads(2)
 gen = torch.Generator().manual_seed(0)
 n, d_in, d_out, r, scale, adapters = 4096, 576, 1536, 16, 2.0, 64
+gflop = 2 * n * d_in * d_out / 1e9
 x, dy = torch.randn(n, d_in, generator=gen), torch.randn(n, d_out, generator=gen)
 w = torch.randn(d_out, d_in, generator=gen) * 0.02
 a, b = torch.randn(adapters, r, d_in, generator=gen) * 0.02, torch.randn(adapters, d_out, r, generator=gen) * 0.02
@@ -44,7 +47,7 @@ def lora_onednn(segments):
     return y, dx
 
 
-def best_ms(fn, calls=5):
+def best_ms(fn, calls):
     for _ in range(2):
         fn()
     loops = []
@@ -57,11 +60,17 @@ def best_ms(fn, calls=5):
 
 
 y, dx = lora_onednn(1)
-u = x @ a[0].t()
-assert torch.allclose(y, x @ w.t() + scale * u @ b[0].t(), atol=1e-3)
+assert torch.allclose(onednn(x, packed_w), x @ w.t(), atol=1e-3)
+assert torch.allclose(y, x @ w.t() + scale * (x @ a[0].t()) @ b[0].t(), atol=1e-3)
 assert torch.allclose(dx, dy @ w + scale * (dy @ b[0]) @ a[0], atol=1e-3)
-base = best_ms(base_mkl)
-print(f"base (MKL, as the suite times it)     {base:7.2f} ms")
+for name, fn in (("forward, F.linear (MKL)", lambda: F.linear(x, w)),
+                 ("forward, oneDNN, packed weight", lambda: onednn(x, packed_w)),
+                 ("dx = dy W, torch.mm (MKL)", lambda: dy @ w),
+                 ("dx = dy W, oneDNN, packed W^T", lambda: onednn(dy, packed_wt))):
+    ms = best_ms(fn, 20)
+    print(f"{name:44s} {ms:7.2f} ms {gflop / ms * 1e3:6.0f} GFLOP/s")
+base = best_ms(base_mkl, 5)
+print(f"{'base (MKL, as the suite times it)':44s} {base:7.2f} ms")
 for segments in (1, adapters):
-    ms = best_ms(lambda: lora_onednn(segments))
-    print(f"LoRA, oneDNN frozen GEMMs, {segments:2d} adapter(s) {ms:7.2f} ms  {ms / base:.2f}x of base")
+    ms = best_ms(lambda: lora_onednn(segments), 5)
+    print(f"{f'LoRA, oneDNN frozen GEMMs, {segments} adapter(s)':44s} {ms:7.2f} ms  {ms / base:.2f}x of base")
